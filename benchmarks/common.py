@@ -1,0 +1,180 @@
+"""Shared benchmark machinery (DESIGN.md section 7): timing, peak memory, long-format CSV, PNG.
+
+GPU: ``triton.testing.do_bench`` and ``torch.cuda.max_memory_allocated``. CPU: wall-clock medians of
+repeated runs, and peak RSS above a baseline (VmHWM, reset through /proc/self/clear_refs before each
+case so one process measures every case from its own start).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+FIELDS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "median", "p20", "p80",
+          "device", "dtype", "pykd_version", "commit", "date"]
+
+
+def device_name(device: torch.device) -> str:
+    """A folder name for results: the GPU model, or the CPU model and core count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                m = re.search(r"model name\s*:\s*(.+)", f.read())
+            if m:
+                name = m.group(1)
+        except OSError:
+            pass
+        name = f"cpu {name} {torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), q[1], q[7]
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, *, reps: int, setup=None):
+    """(median, p20, p80) milliseconds of fn(); setup() runs untimed before each call."""
+    if device.type == "cuda":
+        import triton.testing
+
+        if setup is None:
+            ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=200)
+            return tuple(ms)
+    times = []
+    for _ in range(reps):
+        if setup is not None:
+            setup()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(times)
+
+
+def _rss_hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def peak_extra_mb(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak memory fn() needs above what is allocated when it starts, in MB."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _rss_kb()
+    fn()
+    return (_rss_hwm_kb() - base) / 1024
+
+
+@dataclass
+class Recorder:
+    op: str
+    device: torch.device
+    dtype: str
+    x_name: str
+    rows: list
+
+    def add(self, provider, mode, metric, unit, x_value, stats):
+        import pykd
+
+        med, p20, p80 = stats if isinstance(stats, tuple) else (stats, stats, stats)
+        self.rows.append(dict(
+            op=self.op, provider=provider, mode=mode, metric=metric, unit=unit, x_name=self.x_name,
+            x_value=x_value, median=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}",
+            device=device_name(self.device), dtype=self.dtype, pykd_version=pykd.__version__,
+            commit=commit(), date=datetime.date.today().isoformat(),
+        ))
+        print(f"  {provider:>10} {mode:>4} {metric:>6} {self.x_name}={x_value}: {med:.4g} {unit}",
+              flush=True)
+
+    def write(self, out_dir: str, stem: str) -> tuple[str, str | None]:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{stem}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(self.rows)
+        return path, plot(self.rows, os.path.join(out_dir, f"{stem}.png"))
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+    """One panel per (metric, mode): median against x for each provider, p20-p80 as error bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install pykd[bench]); no PNG written")
+        return None
+    panels = sorted({(r["metric"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (metric, mode) in zip(axes[0], panels):
+        sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
+        for prov in sorted({r["provider"] for r in sel}):
+            pts = sorted((float(r["x_value"]), float(r["median"]), float(r["p20"]), float(r["p80"]))
+                         for r in sel if r["provider"] == prov)
+            xs, med, lo, hi = zip(*pts)
+            ax.errorbar(xs, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                        marker="o", capsize=3, label=prov)
+        r0 = sel[0]
+        ax.set_title(f"{r0['op']} {mode} {metric}")
+        ax.set_xlabel(r0["x_name"])
+        ax.set_ylabel(r0["unit"])
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"{r0['device']}  {r0['dtype']}  pykd {r0['pykd_version']} @ {r0['commit']}  {r0['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,49 @@
+"""Pieces shared by the Triton launchers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Order is the kernels' DIV constexpr; pykd.kd_loss validates names against it.
+DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
+
+
+def reduction_denominator(target, R, ignore_index, num_items, device) -> torch.Tensor:
+    """The "mean" denominator as a 0-d fp32 device tensor (no host sync): num_items when given,
+    else the rows that count, at least 1 so an all-ignored batch gives 0 rather than NaN."""
+    if num_items is not None:
+        return num_items.to(device=device, dtype=torch.float32).reshape(())
+    if target is None:
+        return torch.full((), float(max(R, 1)), device=device, dtype=torch.float32)
+    return (target != ignore_index).sum().clamp_min(1).to(torch.float32)
+
+
+@triton.jit
+def _scale_rows_kernel(x_ptr, scale_ptr, C, n_elem, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """x[r, c] *= scale[r] (PER_ROW) or scale[0]; returns at once when a shared scale is exactly 1,
+    so the common loss.backward() costs no pass over x."""
+    if not PER_ROW:
+        sc = tl.load(scale_ptr).to(tl.float32)
+        if sc == 1.0:
+            return
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    if PER_ROW:
+        sc = tl.load(scale_ptr + offs // C, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, (x * sc).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """In place: contiguous x (R, C) times scale (0-d or (R,))."""
+    n = x.numel()
+    if n == 0:
+        return
+    C = x.shape[-1] if x.dim() > 0 else 1
+    scale = scale.contiguous()
+    block = 4096
+    _scale_rows_kernel[(triton.cdiv(n, block),)](
+        x, scale, C, n, PER_ROW=scale.numel() != 1, BLOCK=block
+    )

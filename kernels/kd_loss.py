@@ -1,0 +1,298 @@
+"""Triton kernel of ``pykd.kd_loss``: loss and gradient of logit distillation in one launch.
+
+No autograd here; ``pykd/kd_loss.py`` owns the op. See ../shared/DESIGN.md section 3 for the math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import DIVERGENCES, reduction_denominator
+
+# Grid cap: one program per row up to here, then programs stride over rows. CUDA's grid x-limit is
+# far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
+MAX_PROGRAMS = 65535
+MAX_BLOCK_V = 8192
+
+
+@triton.jit
+def _kd_loss_kernel(
+    s_ptr,
+    t_ptr,
+    target_ptr,
+    scale_ptr,
+    g_ptr,
+    soft_ptr,
+    hard_ptr,
+    R,
+    V,
+    stride_s,
+    stride_t,
+    stride_g,
+    inv_t,
+    alpha_w,
+    one_minus_alpha,
+    beta,
+    log_beta,
+    log_1mb,
+    ignore_index,
+    DIV: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    SAME_T: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row r, with z = logits / T, p = softmax(z), lse = m + log l:
+
+    sweep 1 (online softmax; when a max m grows, l and its accumulator are rescaled by
+    exp(m_old - m_new)):
+        l_s = sum exp(z_s - m_s), l_t = sum exp(z_t - m_t) and
+        kl:      A = sum exp(z_t - m_t)(z_t - z_s)     KL(p_t||p_s) = A / l_t - lse_t + lse_s
+        rkl:     B = sum exp(z_s - m_s)(z_s - z_t)     KL(p_s||p_t) = B / l_s - lse_s + lse_t
+        soft_ce: C = sum exp(z_t - m_t) z_s            CE = -C / l_t + lse_s
+        mse:     Q = sum (s - t)^2                     Q / V
+        plus (m_h, l_h) of the raw student logits for the hard CE when T != 1.
+    sweep 2 (jsd, tvd): the loss and the row statistic of the gradient from both lse:
+        jsd: KL(p_s||m), KL(p_t||m) with log m = logaddexp(log b + log p_t, log(1-b) + log p_s)
+        tvd: 1/2 sum |p_s - p_t| and sum p_s sign(p_s - p_t)
+    sweep 3: grad = scale * (alpha w d soft/ds + (1 - alpha)(softmax(s) - onehot(y))), stored in
+        the logits' dtype; scale is the reduction's (1/n for "mean", read from scale_ptr so n can
+        stay on the device).
+    A term whose probability is exactly 0 contributes 0, so -inf teacher logits are exact.
+    DIV: 0 kl, 1 reverse_kl, 2 soft_ce, 3 jsd, 4 tvd, 5 mse.
+    """
+    pid = tl.program_id(0).to(tl.int64)  # so the row index, and every row offset, is int64
+    nprog = tl.num_programs(0)
+    gscale = tl.load(scale_ptr).to(tl.float32)
+    NEG_INF: tl.constexpr = float("-inf")
+    NEED_H: tl.constexpr = HAS_TARGET and ((not SAME_T) or DIV == 5)
+    for row64 in range(pid, R, nprog):
+
+        s_row = s_ptr + row64 * stride_s
+        t_row = t_ptr + row64 * stride_t
+        y = 0
+        valid = True
+        if HAS_TARGET:
+            y = tl.load(target_ptr + row64)
+            valid = y != ignore_index
+        if valid:
+            # ---- sweep 1: online softmax stats and the divergence accumulator
+            m_s = NEG_INF
+            m_t = NEG_INF
+            m_h = NEG_INF
+            l_s = 0.0
+            l_t = 0.0
+            l_h = 0.0
+            acc = 0.0
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                tr = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                if DIV == 5:
+                    d = tl.where(sr == tr, 0.0, sr - tr)
+                    acc += tl.sum(d * d)
+                else:
+                    zs = sr * inv_t
+                    zt = tr * inv_t
+                    ms_new = tl.maximum(m_s, tl.max(zs))
+                    mt_new = tl.maximum(m_t, tl.max(zt))
+                    ms_safe = tl.where(ms_new == NEG_INF, 0.0, ms_new)
+                    mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
+                    rs = tl.exp(m_s - ms_safe)
+                    rt = tl.exp(m_t - mt_safe)
+                    es = tl.exp(zs - ms_safe)
+                    et = tl.exp(zt - mt_safe)
+                    l_s = l_s * rs + tl.sum(es)
+                    l_t = l_t * rt + tl.sum(et)
+                    if DIV == 0:
+                        acc = acc * rt + tl.sum(tl.where(et > 0.0, et * (zt - zs), 0.0))
+                    if DIV == 1:
+                        acc = acc * rs + tl.sum(tl.where(es > 0.0, es * (zs - zt), 0.0))
+                    if DIV == 2:
+                        acc = acc * rt + tl.sum(tl.where(et > 0.0, et * zs, 0.0))
+                    m_s = ms_new
+                    m_t = mt_new
+                if NEED_H:
+                    mh_new = tl.maximum(m_h, tl.max(sr))
+                    mh_safe = tl.where(mh_new == NEG_INF, 0.0, mh_new)
+                    l_h = l_h * tl.exp(m_h - mh_safe) + tl.sum(tl.exp(sr - mh_safe))
+                    m_h = mh_new
+            lse_s = 0.0
+            lse_t = 0.0
+            if DIV != 5:
+                lse_s = m_s + tl.log(l_s)
+                lse_t = m_t + tl.log(l_t)
+            lse_h = lse_s
+            if NEED_H:
+                lse_h = m_h + tl.log(l_h)
+            soft = 0.0
+            stat = 0.0
+            if DIV == 0:
+                soft = acc / l_t - lse_t + lse_s
+            if DIV == 1:
+                soft = acc / l_s - lse_s + lse_t
+                stat = soft
+            if DIV == 2:
+                soft = -acc / l_t + lse_s
+            if DIV == 5:
+                soft = acc / V
+            # ---- sweep 2 (jsd, tvd): the loss and the gradient's row statistic
+            if DIV == 3 or DIV == 4:
+                x1 = 0.0
+                x2 = 0.0
+                for v0 in range(0, V, BLOCK_V):
+                    offs = v0 + tl.arange(0, BLOCK_V)
+                    mask = offs < V
+                    sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                    tr = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                    log_ps = sr * inv_t - lse_s
+                    log_pt = tr * inv_t - lse_t
+                    ps = tl.exp(log_ps)
+                    pt = tl.exp(log_pt)
+                    if DIV == 3:
+                        lm = _log_mix(log_pt, log_ps, log_beta, log_1mb)
+                        x1 += tl.sum(tl.where(pt > 0.0, pt * (log_pt - lm), 0.0))
+                        x2 += tl.sum(tl.where(ps > 0.0, ps * (log_ps - lm), 0.0))
+                    else:
+                        df = ps - pt
+                        sg = tl.where(df > 0.0, 1.0, tl.where(df < 0.0, -1.0, 0.0))
+                        x1 += tl.sum(tl.abs(df))
+                        x2 += tl.sum(ps * sg)
+                if DIV == 3:
+                    soft = beta * x1 + (1.0 - beta) * x2
+                else:
+                    soft = 0.5 * x1
+                stat = x2
+            hard = 0.0
+            if HAS_TARGET:
+                hard = lse_h - tl.load(s_row + y).to(tl.float32)
+            tl.store(soft_ptr + row64, soft)
+            tl.store(hard_ptr + row64, hard)
+            # ---- sweep 3: the gradient
+            if COMPUTE_GRAD:
+                cs = alpha_w * gscale * inv_t
+                ch = one_minus_alpha * gscale
+                g_row = g_ptr + row64 * stride_g
+                for v0 in range(0, V, BLOCK_V):
+                    offs = v0 + tl.arange(0, BLOCK_V)
+                    mask = offs < V
+                    sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+                    tr = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+                    ps = tl.zeros([BLOCK_V], dtype=tl.float32)
+                    if DIV == 5:
+                        g = tl.where(sr == tr, 0.0, sr - tr) * (2.0 * alpha_w * gscale / V)
+                    else:
+                        log_ps = sr * inv_t - lse_s
+                        log_pt = tr * inv_t - lse_t
+                        ps = tl.exp(log_ps)
+                        pt = tl.exp(log_pt)
+                        if DIV == 0 or DIV == 2:
+                            d = ps - pt
+                        if DIV == 1:
+                            d = tl.where(ps > 0.0, ps * (log_ps - log_pt - stat), 0.0)
+                        if DIV == 3:
+                            lm = _log_mix(log_pt, log_ps, log_beta, log_1mb)
+                            d = tl.where(ps > 0.0, (1.0 - beta) * ps * (log_ps - lm - stat), 0.0)
+                        if DIV == 4:
+                            df = ps - pt
+                            sg = tl.where(df > 0.0, 1.0, tl.where(df < 0.0, -1.0, 0.0))
+                            d = 0.5 * ps * (sg - stat)
+                        g = cs * d
+                    if HAS_TARGET:
+                        if NEED_H:
+                            ph = tl.exp(sr - lse_h)
+                        else:
+                            ph = ps
+                        g += ch * (ph - tl.where(offs == y, 1.0, 0.0))
+                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+        else:
+            # A row that counts for nothing: exactly 0 loss and 0 gradient.
+            tl.store(soft_ptr + row64, 0.0)
+            tl.store(hard_ptr + row64, 0.0)
+            if COMPUTE_GRAD:
+                g_row = g_ptr + row64 * stride_g
+                for v0 in range(0, V, BLOCK_V):
+                    offs = v0 + tl.arange(0, BLOCK_V)
+                    zero = tl.zeros([BLOCK_V], dtype=tl.float32)
+                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _log_mix(log_pt, log_ps, log_beta, log_1mb):
+    """log(b p_t + (1 - b) p_s), computed in log space so tiny probabilities keep their digits."""
+    a = log_pt + log_beta
+    b = log_ps + log_1mb
+    mx = tl.maximum(a, b)
+    mxs = tl.where(mx == float("-inf"), 0.0, mx)
+    return mxs + tl.log(tl.exp(a - mxs) + tl.exp(b - mxs))
+
+
+def kd_loss_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None,
+    num_items: torch.Tensor | None,
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    ignore_index: int,
+    scale_by_t2: bool,
+    reduction: str,
+    compute_grad: bool,
+):
+    """Launch on (R, V) logits. Returns (loss, soft, hard, grad) like the C++ op ``pykd::kd_loss_fwd``."""
+
+    R, V = student.shape
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    dev = student.device
+    soft = torch.empty(R, device=dev, dtype=torch.float32)
+    hard = torch.empty(R, device=dev, dtype=torch.float32)
+    grad = torch.empty((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
+    n = reduction_denominator(target, R, ignore_index, num_items, dev)
+    scale = 1.0 / n if reduction == "mean" else torch.ones((), device=dev, dtype=torch.float32)
+    w = 1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature
+    alpha_w = alpha * w
+    if R > 0 and V > 0:
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+        num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+        _kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
+            student,
+            teacher,
+            target if target is not None else soft,
+            scale,
+            grad,
+            soft,
+            hard,
+            R,
+            V,
+            student.stride(0),
+            teacher.stride(0),
+            V,
+            1.0 / temperature,
+            alpha_w,
+            1.0 - alpha,
+            beta,
+            math.log(beta) if divergence == "jsd" else 0.0,
+            math.log1p(-beta) if divergence == "jsd" else 0.0,
+            ignore_index,
+            DIV=DIVERGENCES.index(divergence),
+            HAS_TARGET=target is not None,
+            SAME_T=temperature == 1.0,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+    loss = soft * alpha_w + hard * (1.0 - alpha)
+    if reduction == "none":
+        return loss, soft, hard, grad
+    loss, soft, hard = loss.sum(), soft.sum(), hard.sum()
+    if reduction == "mean":
+        loss, soft, hard = loss / n, soft / n, hard / n
+    return loss, soft, hard, grad

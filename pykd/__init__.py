@@ -1,0 +1,15 @@
+"""pykd: fused kernels for knowledge distillation of Transformers.
+
+CUDA tensors run Triton kernels, CPU tensors run C++ kernels (``pykd._C``); every op is a
+``torch.library`` custom op with a fake kernel, so ``torch.compile(fullgraph=True)`` traces it.
+"""
+
+from . import _backend
+from ._backend import set_debug
+from .kd_loss import kd_loss
+
+__version__ = "0.1.0"
+
+from . import nn, reference  # noqa: E402  (after the ops they wrap)
+
+__all__ = ["kd_loss", "nn", "reference", "set_debug", "__version__"]

@@ -1,0 +1,124 @@
+"""Backend machinery shared by every op.
+
+Dispatch rule: CUDA tensors run the Triton kernels (``pykd.kernels``), CPU tensors the C++ kernels
+(``pykd._C``), through the ``torch.library`` dispatcher. ``triton_on_cpu()`` is the test-only switch that
+routes CPU tensors to the Triton kernels too; with ``TRITON_INTERPRET=1`` set before ``pykd.kernels`` is
+imported, they run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+_C = None
+_C_ERROR: str | None = None
+_REBUILD = "rebuild it: pip install --no-build-isolation -e . (from the pykd source tree)"
+
+
+def _source_hash(csrc: str) -> str:
+    h = hashlib.sha256()
+    paths = [p for ext in ("*.cpp", "*.cu", "*.h") for p in glob.glob(os.path.join(csrc, ext))]
+    for p in sorted(paths):
+        if p.endswith(".cu") and not torch.version.cuda:
+            continue
+        with open(p, "rb") as f:
+            h.update(os.path.basename(p).encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
+def _load() -> None:
+    global _C, _C_ERROR
+    try:
+        from pykd import _C as c  # noqa: PLC0415
+    except ImportError as e:
+        _C_ERROR = f"pykd's C++ extension pykd._C could not be loaded ({e}); {_REBUILD}"
+        return
+    if c.torch_version != torch.__version__:
+        _C_ERROR = (
+            f"pykd._C was built against torch {c.torch_version} but torch {torch.__version__} is "
+            f"installed; {_REBUILD}"
+        )
+        return
+    # In a source checkout (editable install) a build older than csrc/ is stale.
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    if os.path.isdir(csrc) and _source_hash(csrc) != c.source_hash:
+        _C_ERROR = f"pykd._C is older than the sources in {csrc}; {_REBUILD}"
+        return
+    _C = c
+
+
+_load()
+
+
+def require_cpp() -> None:
+    """Raise a clear error when the C++ extension is missing or stale."""
+    if _C_ERROR is not None:
+        raise RuntimeError(_C_ERROR)
+
+
+def has_cpp() -> bool:
+    return _C_ERROR is None
+
+
+try:  # Triton is optional on machines that only use the C++ backend.
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with Linux installs
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_TRITON_IMPLS: dict[str, Callable] = {}
+
+
+def triton_impl(op: str) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as the CUDA kernel of ``pykd::<op>`` and remember it for ``triton_on_cpu``."""
+
+    def deco(fn: Callable) -> Callable:
+        _TRITON_IMPLS[op] = fn
+        if has_cpp():
+            torch.library.register_kernel(f"pykd::{op}", "cuda", fn)
+        return fn
+
+    return deco
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Test-only: run the Triton kernels on CPU tensors (needs ``TRITON_INTERPRET=1``)."""
+    require_cpp()
+    if not (HAS_TRITON and interpreting()):
+        raise RuntimeError("triton_on_cpu needs triton and TRITON_INTERPRET=1 set before import")
+    lib = torch.library.Library("pykd", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            for op, fn in _TRITON_IMPLS.items():
+                lib.impl(op, fn, "CPU")
+        yield
+    finally:
+        lib._destroy()
+
+
+_DEBUG = os.environ.get("PYKD_DEBUG", "0") == "1"
+
+
+def set_debug(enabled: bool) -> None:
+    """Check data-dependent preconditions (target ranges) on CUDA too, at the cost of a sync."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def debug() -> bool:
+    return _DEBUG

@@ -1,0 +1,223 @@
+"""``pykd.kd_loss``: fused logit-distillation loss (DESIGN.md section 3).
+
+The op ``pykd::kd_loss_fwd`` computes the loss and the gradient with respect to the student logits in
+one kernel launch; backward only scales that gradient by grad_output, in place (a no-op for the usual
+scalar 1). CPU tensors run ``csrc/kd_loss.cpp``, CUDA tensors ``kernels/kd_loss.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks
+from ._backend import has_cpp
+
+_DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    return_components: bool = False,
+):
+    r"""Knowledge-distillation loss between student and teacher logits, fused with hard-label CE.
+
+    Per row r (z = logits / T, p = softmax(z)):
+    ``loss_r = alpha * w * soft_r + (1 - alpha) * hard_r`` with ``w = T**2`` if ``scale_by_t2``
+    (Hinton) else 1, and ``w = 1`` for ``"mse"``. ``hard_r = logsumexp(s) - s[y]`` is cross-entropy
+    with the target at T = 1.
+
+    Divergences (``soft_r``): ``"kl"`` KL(p_t || p_s); ``"reverse_kl"`` KL(p_s || p_t); ``"soft_ce"``
+    -sum p_t log p_s; ``"jsd"`` beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta)
+    p_s; ``"tvd"`` 1/2 sum |p_s - p_t|; ``"mse"`` mean_j (s_j - t_j)^2 on raw logits (T unused).
+
+    Args:
+        student_logits: (..., V) float32/float16/bfloat16.
+        teacher_logits: (..., V), same shape and device; any of those dtypes. Treated as a constant:
+            it never receives a gradient, even with requires_grad=True. Entries of -inf (masked
+            vocabulary) are exact for kl, soft_ce, jsd and tvd; reverse_kl and mse are +inf when
+            the teacher masks an entry the student does not.
+        target: optional (...) int64 class indices in [0, V) or ``ignore_index``. Rows whose target
+            is ``ignore_index`` count for nothing (0 loss, 0 gradient). On CPU out-of-range targets
+            raise ValueError; on CUDA they are checked only under ``pykd.set_debug(True)`` in eager
+            mode (a host sync); otherwise an out-of-range target gives an undefined result.
+        divergence: one of kl, reverse_kl, soft_ce, jsd, tvd, mse.
+        temperature: T > 0, applied to both distributions (not to the hard CE).
+        alpha: weight of the soft term in [0, 1]; None means 1.0 without target, 0.5 with one.
+            alpha < 1 needs a target.
+        beta: jsd mixture weight in (0, 1).
+        ignore_index: target value of rows that count for nothing.
+        reduction: ``"mean"`` (over rows that count, or ``num_items_in_batch``), ``"sum"`` or
+            ``"none"`` (shape (...), ignored rows 0).
+        scale_by_t2: multiply the soft term by T^2.
+        num_items_in_batch: denominator for ``"mean"`` (gradient accumulation), a positive number or
+            a 0-d tensor.
+        return_components: also return the soft divergence and the hard CE (unweighted, reduced the
+            same way, detached) for logging: ``(loss, soft, hard)``.
+
+    Returns:
+        fp32 loss: 0-d, or (...) for ``reduction="none"``.
+
+    The gradient is computed in the forward pass and stored in the student's dtype (one (rows, V)
+    tensor; no fp32 (rows, V) temporaries). backward scales it in place, so backward through the
+    same graph twice (``retain_graph=True``) raises; recompute the loss instead.
+    """
+    _checks.tensor("student_logits", student_logits, float_dtype=True)
+    _checks.tensor("teacher_logits", teacher_logits, float_dtype=True)
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(
+            f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    _checks.choice("divergence", divergence, _DIVERGENCES)
+    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+    temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    _checks.boolean("scale_by_t2", scale_by_t2)
+    _checks.boolean("return_components", return_components)
+    if divergence == "jsd":
+        beta = _checks.real("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    else:
+        beta = _checks.real("beta", beta)
+    V = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    names, tensors = ["student_logits", "teacher_logits"], [student_logits, teacher_logits]
+    if target is not None:
+        _checks.tensor("target", target)
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must be int64 (torch.long), got {target.dtype}")
+        if target.shape != lead:
+            raise ValueError(
+                f"target must have shape {tuple(lead)} (student_logits without its last dim), "
+                f"got {tuple(target.shape)}"
+            )
+        names.append("target")
+        tensors.append(target)
+    if alpha is None:
+        alpha = 0.5 if target is not None else 1.0
+    alpha = _checks.real("alpha", alpha, lo=0.0, hi=1.0)
+    if alpha < 1.0 and target is None:
+        raise ValueError(f"alpha={alpha} < 1 weights a hard cross-entropy term, which needs target")
+    num_items = None
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    "num_items_in_batch must be a number or a one-element tensor, got shape "
+                    f"{tuple(num_items_in_batch.shape)}"
+                )
+            num_items = num_items_in_batch.detach()
+        else:
+            n = _checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
+            num_items = torch.tensor(n, dtype=torch.float32)
+        if num_items.device != student_logits.device and not (
+            num_items.device.type == "cpu" and num_items.dim() == 0
+        ):
+            raise ValueError(
+                f"num_items_in_batch must be on {student_logits.device} or a CPU scalar, "
+                f"got {num_items.device}"
+            )
+    _checks.same_device(names, tensors)
+    if target is not None and _backend.debug() and not torch.compiler.is_compiling():
+        _check_target_range(target, V, ignore_index)  # the C++ kernel checks CPU targets itself
+    _backend.require_cpp()
+
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, soft, hard, _ = torch.ops.pykd.kd_loss_fwd(
+        student_logits.reshape(-1, V),
+        teacher_logits.detach().reshape(-1, V),
+        None if target is None else target.reshape(-1),
+        num_items,
+        divergence,
+        temperature,
+        alpha,
+        beta,
+        ignore_index,
+        scale_by_t2,
+        reduction,
+        compute_grad,
+    )
+    if reduction == "none":
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    if return_components:
+        return loss, soft.detach(), hard.detach()
+    return loss
+
+
+def _check_target_range(target: torch.Tensor, V: int, ignore_index: int) -> None:
+    counted = target[target != ignore_index]
+    if counted.numel() and (bool((counted < 0).any()) or bool((counted >= V).any())):
+        bad = counted[(counted < 0) | (counted >= V)][0].item()
+        raise ValueError(
+            f"target values must be in [0, {V}) or ignore_index={ignore_index}, found {bad}"
+        )
+
+
+# ---------------------------------------------------------------- op registration
+
+
+def _kd_loss_fwd_fake(student, teacher, target, num_items, divergence, temperature, alpha, beta,
+                      ignore_index, scale_by_t2, reduction, compute_grad):
+    R, V = student.shape
+    shape = (R,) if reduction == "none" else ()
+    f32 = dict(dtype=torch.float32)
+    grad = student.new_empty((R, V) if compute_grad else (0,))
+    return student.new_empty(shape, **f32), student.new_empty(shape, **f32), \
+        student.new_empty(shape, **f32), grad
+
+
+def _kd_loss_setup_context(ctx, inputs, output):
+    _, _, soft, hard, grad = (None, *output)
+    ctx.mark_non_differentiable(soft, hard, grad)
+    ctx.save_for_backward(grad)
+    ctx.consumed = False
+
+
+def _kd_loss_backward(ctx, dloss, dsoft, dhard, dgrad):
+    if ctx.consumed:
+        raise RuntimeError(
+            "pykd.kd_loss: backward ran twice through the same graph; the gradient is computed in "
+            "the forward and scaled in place, so recompute the loss instead of retain_graph=True"
+        )
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and dloss is not None:
+        raise RuntimeError(
+            "pykd.kd_loss: the forward ran without a gradient (student_logits did not require grad "
+            "or grad mode was off); call kd_loss with grad enabled to backpropagate"
+        )
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+        # Eager: scale the forward's gradient in place (no second (rows, V) tensor).
+        torch.ops.pykd.scale_rows_(grad, dloss)
+        ctx.consumed = True
+    else:
+        # Traced (functional/fake tensors) or a tensor subclass: stay functional.
+        grad = grad * (dloss.reshape(-1, 1) if dloss.dim() else dloss)
+    return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+if has_cpp():
+    torch.library.register_fake("pykd::kd_loss_fwd")(_kd_loss_fwd_fake)
+    torch.library.register_fake("pykd::scale_rows_")(lambda x, scale: None)
+    torch.library.register_autograd(
+        "pykd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context
+    )
+    if _backend.HAS_TRITON:
+        from .kernels import common as _kcommon
+        from .kernels import kd_loss as _kkd
+
+        _backend.triton_impl("kd_loss_fwd")(_kkd.kd_loss_fwd)
+        _backend.triton_impl("scale_rows_")(_kcommon.scale_rows_)

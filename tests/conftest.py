@@ -1,0 +1,109 @@
+"""Backends, seeds and markers for every op test.
+
+Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET must be set
+before pykd.kernels is imported, so it is set here, first.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+
+def _interpreter_bf16_rne() -> None:
+    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU's cvt.rn.bf16.f32 does.
+
+    Triton's interpreter truncates that conversion (whatever rounding the kernel asks for), which
+    would leave interpreted bf16 outputs up to 1 ulp off where the hardware is within 1/2 ulp.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = interpreter._convert_float
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            bits = np.ascontiguousarray(input).view(np.uint32).astype(np.uint64)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            nan = np.isnan(np.ascontiguousarray(input).view(np.float32))
+            out = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+            return out.reshape(np.shape(input))
+        return original(input, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_bf16_rne()
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import pykd  # noqa: E402,F401
+from pykd import _backend  # noqa: E402
+
+settings.register_profile(
+    "pykd",
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=os.environ.get("CI", "") != "",  # CI reproducible; local runs explore
+    print_blob=True,
+)
+settings.load_profile("pykd")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+class Backend:
+    """Where an op test runs: ``cpp`` (C++ on CPU) or ``triton`` (CUDA if present, else the
+    interpreter on CPU tensors)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.device = torch.device("cuda" if (name == "triton" and HAS_CUDA) else "cpu")
+        self.interpreted = name == "triton" and not HAS_CUDA
+
+    def __call__(self):
+        """Context manager that routes CPU tensors to Triton when interpreting."""
+        if self.interpreted:
+            return _backend.triton_on_cpu()
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def __repr__(self):
+        return self.name
+
+
+BACKENDS = ["cpp"]
+if _backend.HAS_TRITON and (HAS_CUDA or _backend.interpreting()):
+    BACKENDS.append("triton")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Backend:
+    return Backend(request.param)
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """A fixed seed per test, different across tests."""
+    s = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(s)
+    return s
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,422 @@
+"""pykd.kd_loss on both backends against pykd.reference in float64: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import POISON, TOL, assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pykd
+from pykd import reference
+
+DIVS = ["kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse"]
+F32 = torch.float32
+
+
+def make(shape, dtype=F32, device="cpu", scale=3.0, ignore_frac=0.0, with_target=True):
+    V = shape[-1]
+    s = (torch.randn(shape) * scale).to(dtype).to(device)
+    t = (torch.randn(shape) * scale).to(dtype).to(device)
+    y = None
+    if with_target:
+        y = torch.randint(0, V, shape[:-1])
+        if ignore_frac > 0:
+            y[torch.rand(shape[:-1]) < ignore_frac] = -100
+        y = y.to(device)
+    return s, t, y
+
+
+def loss_atol(s, t, temperature, opts):
+    """Absolute error of an fp32 loss built from lse's and dot products of size |z|."""
+    z = max(s.abs().max().item(), t.abs().max().item()) / temperature
+    w = temperature**2 if opts.get("scale_by_t2", True) and opts.get("divergence") != "mse" else 1
+    if opts.get("divergence") == "mse":
+        return 4e-6 * (1 + max(s.abs().max().item(), t.abs().max().item())) ** 2
+    return 4e-6 * (1 + z) * max(w, 1)
+
+
+def grad_unit(s, y, go, opts):
+    """Size of the probability terms that make up a gradient entry (they cancel in p_s - p_t)."""
+    T = opts.get("temperature", 1.0)
+    alpha = opts.get("alpha")
+    alpha = (0.5 if y is not None else 1.0) if alpha is None else alpha
+    div = opts.get("divergence", "kl")
+    w = T * T if opts.get("scale_by_t2", True) and div != "mse" else 1.0
+    unit = alpha * w / T + (1 - alpha)
+    if opts.get("reduction", "mean") == "mean":
+        n = opts.get("num_items_in_batch")
+        n = (y != opts.get("ignore_index", -100)).sum().item() if n is None and y is not None else n
+        n = s[..., 0].numel() if n is None else n
+        unit /= max(float(n), 1.0)
+    gmax = 0.75 if go is None else go.abs().max().item()
+    return 0.0 if div == "mse" else unit * gmax
+
+
+def run(backend, s, t, y, go=None, **opts):
+    """pykd on backend: (loss, soft, hard, grad wrt student) with grad_output go."""
+    leaf = s.detach().clone().requires_grad_(True)
+    with backend():
+        loss, soft, hard = pykd.kd_loss(leaf, t, y, return_components=True, **opts)
+        if go is None:
+            go = torch.full_like(loss, 0.75) if loss.dim() else torch.tensor(0.75)
+        loss.backward(go.to(loss.device))
+    return loss, soft, hard, leaf.grad
+
+
+def run_ref(s, t, y, go, **opts):
+    leaf = s.detach().cpu().double().requires_grad_(True)
+    yy = None if y is None else y.cpu()
+    loss, soft, hard = reference.kd_loss(leaf, t.detach().cpu().double(), yy, return_components=True,
+                                         **opts)
+    if go is None:
+        go = torch.full_like(loss, 0.75) if loss.dim() else torch.tensor(0.75)
+    loss.backward(go.double().cpu())
+    return loss, soft, hard, leaf.grad
+
+
+def check(backend, s, t, y, go=None, **opts):
+    loss, soft, hard, grad = run(backend, s, t, y, go, **opts)
+    rl, rs, rh, rg = run_ref(s, t, y, go, **opts)
+    T = opts.get("temperature", 1.0)
+    atol_abs = loss_atol(s.float(), t.float(), T, opts)
+    for name, a, e in (("loss", loss, rl), ("soft", soft, rs), ("hard", hard, rh)):
+        assert a.dtype == torch.float32, f"{name} must be fp32"
+        ok = (a.double().cpu() - e).abs() <= 2e-5 * e.abs() + atol_abs
+        assert bool(ok.all()), f"{name}: pykd {a} vs reference {e} (atol {atol_abs:.3g})"
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    # fp32 log p = z - lse carries an absolute error ~ eps32 |z|: softmax's conditioning at large
+    # logits, on top of the dtype's rounding (negligible for O(1) logits, 6e-4 at |z| = 5000).
+    finite = [x.float()[torch.isfinite(x.float())] for x in (s, t)]
+    zmax = max(f.abs().max().item() if f.numel() else 0.0 for f in finite) / T
+    cond = 2.0**-23 * zmax
+    rtol, atol = TOL[s.dtype]
+    assert_close(grad, rg, rtol=rtol + cond, atol=atol + cond, scale=grad_unit(s, y, go, opts),
+                 name="grad")
+    return loss, grad
+
+
+# ------------------------------------------------------------------ values and gradients
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize(
+    "temperature,alpha,with_target,reduction",
+    [
+        (1.0, None, False, "mean"),
+        (2.0, None, True, "mean"),
+        (0.7, 0.3, True, "sum"),
+        (3.0, 1.0, True, "none"),
+        (2.0, 0.0, True, "mean"),
+    ],
+)
+def test_matches_reference(backend, divergence, temperature, alpha, with_target, reduction):
+    s, t, y = make((3, 5, 37), device=backend.device, ignore_frac=0.3, with_target=with_target)
+    go = torch.rand(3, 5) + 0.5 if reduction == "none" else None
+    check(backend, s, t, y, go, divergence=divergence, temperature=temperature, alpha=alpha,
+          reduction=reduction)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd"])
+def test_options(backend, divergence):
+    s, t, y = make((9, 23), device=backend.device, ignore_frac=0.2)
+    check(backend, s, t, y, divergence=divergence, temperature=1.5, beta=0.2, scale_by_t2=False)
+    check(backend, s, t, y, divergence=divergence, num_items_in_batch=40)
+    y3 = torch.where(y == -100, 3, y)
+    check(backend, s, t, y3, divergence=divergence, ignore_index=3, temperature=2.0)
+
+
+def test_num_items_tensor(backend):
+    s, t, y = make((6, 19), device=backend.device)
+    n = torch.tensor(13.0, device=backend.device)
+    a = run(backend, s, t, y, num_items_in_batch=n)
+    b = run(backend, s, t, y, num_items_in_batch=13)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
+
+
+@pytest.mark.parametrize("V", [1, 2, 17, 64, 100])
+def test_vocab_sizes(backend, V):
+    s, t, y = make((7, V), device=backend.device)
+    for div in DIVS:
+        check(backend, s, t, y, divergence=div, temperature=2.0)
+
+
+def test_multiple_blocks_and_programs(backend, monkeypatch):
+    """V not a multiple of the vocabulary block, and more rows than programs (grid-stride loop)."""
+    from pykd.kernels import kd_loss as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(k, "MAX_PROGRAMS", 3)
+    s, t, y = make((11, 53), device=backend.device, ignore_frac=0.3)
+    for div in DIVS:
+        check(backend, s, t, y, divergence=div, temperature=1.3)
+
+
+def test_many_rows(backend):
+    """Rows past the 65535 grid limit. The interpreter runs programs one by one, so there the
+    same grid-stride loop is covered by test_multiple_blocks_and_programs instead."""
+    if backend.interpreted:
+        pytest.skip("65535 interpreted programs take minutes; see test_multiple_blocks_and_programs")
+    s, t, y = make((70000, 3), device=backend.device, ignore_frac=0.1)
+    check(backend, s, t, y, temperature=2.0)
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(backend, reduction):
+    s, t, _ = make((4, 29), device=backend.device)
+    y = torch.full((4,), -100, device=backend.device)
+    for div in DIVS:
+        loss, soft, hard, grad = run(backend, s, t, y, divergence=div, reduction=reduction)
+        assert torch.equal(loss, torch.zeros_like(loss)), (div, loss)
+        assert torch.equal(soft, torch.zeros_like(soft)) and torch.equal(hard, torch.zeros_like(hard))
+        assert torch.equal(grad, torch.zeros_like(grad)), div
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_extreme_logits(backend, divergence):
+    s, t, y = make((6, 41), device=backend.device)
+    s = torch.where(torch.rand_like(s) < 0.5, 1e4, -1e4) * torch.rand_like(s)
+    t = torch.where(torch.rand_like(t) < 0.5, 1e4, -1e4) * torch.rand_like(t)
+    s[0] = 1e4  # a row of ties at the extreme
+    loss, grad = check(backend, s, t, y, divergence=divergence, temperature=2.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("divergence", ["kl", "soft_ce", "jsd", "tvd"])
+def test_teacher_neg_inf(backend, divergence):
+    """Masked teacher vocabulary (-inf) gives finite, exact results."""
+    s, t, y = make((5, 40), device=backend.device)
+    t[:, 7:23] = float("-inf")
+    t[2, :-1] = float("-inf")  # one row with a single allowed entry
+    loss, grad = check(backend, s, t, y, divergence=divergence, temperature=1.5)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_both_neg_inf(backend):
+    """Entries masked in both student and teacher contribute nothing, for every divergence."""
+    s, t, _ = make((4, 33), device=backend.device)
+    s[:, 10:20] = float("-inf")
+    t[:, 10:20] = float("-inf")
+    for div in DIVS:
+        loss, _, _, grad = run(backend, s, t, None, divergence=div)
+        rl, _, _, rg = run_ref(s, t, None, None, divergence=div)
+        assert torch.isfinite(loss), div
+        assert_close(loss, rl, dtype=torch.float32, rtol=2e-5, atol=1e-5, name=f"{div} loss")
+        assert_close(grad, rg, name=f"{div} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_low_precision(backend, dtype, divergence):
+    s, t, y = make((5, 3, 45), dtype=dtype, device=backend.device, ignore_frac=0.2)
+    check(backend, s, t, y, divergence=divergence, temperature=2.0, reduction="sum")
+
+
+def test_mixed_teacher_dtype(backend):
+    s, t, y = make((6, 31), device=backend.device)
+    check(backend, s, t.to(torch.bfloat16), y, temperature=2.0)
+    check(backend, s.half(), t, y)
+
+
+def test_noncontiguous(backend):
+    s, t, y = make((31, 8), device=backend.device)
+    s, t = s.t(), t.t()  # (8, 31), row stride 1
+    y = torch.randint(0, 31, (8,), device=backend.device)
+    check(backend, s, t, y, temperature=2.0)
+
+
+def test_no_grad_and_inference(backend):
+    s, t, y = make((5, 21), device=backend.device)
+    with backend():
+        a = pykd.kd_loss(s, t, y, temperature=2.0)  # s does not require grad
+        with torch.no_grad():
+            b = pykd.kd_loss(s.clone().requires_grad_(), t, y, temperature=2.0)
+    assert not a.requires_grad and not b.requires_grad
+    rl, *_ = run_ref(s, t, y, None, temperature=2.0)
+    assert_close(a, rl, rtol=2e-5, atol=1e-5)
+    assert torch.equal(a, b)
+
+
+def test_teacher_gets_no_grad(backend):
+    s, t, y = make((4, 19), device=backend.device)
+    t.requires_grad_(True)
+    sl = s.clone().requires_grad_(True)
+    with backend():
+        pykd.kd_loss(sl, t, y).backward()
+    assert t.grad is None and sl.grad is not None
+
+
+def test_backward_twice_raises(backend):
+    s, t, y = make((4, 19), device=backend.device)
+    sl = s.clone().requires_grad_(True)
+    with backend():
+        loss = pykd.kd_loss(sl, t, y)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="backward ran twice"):
+            loss.backward()
+
+
+def test_grad_poison_overwritten(backend, monkeypatch):
+    """Every gradient element is written by the kernel (uninitialized memory would show as NaN)."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(POISON)
+
+    s, t, y = make((6, 37), device=backend.device, ignore_frac=0.4)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    loss, _, _, grad = run(backend, s, t, y, temperature=2.0)
+    monkeypatch.undo()
+    assert torch.isfinite(grad).all() and torch.isfinite(loss)
+    check(backend, s, t, y, temperature=2.0)
+
+
+def test_module(backend):
+    s, t, y = make((2, 3, 27), device=backend.device)
+    mod = pykd.nn.KDLoss(divergence="jsd", temperature=2.0, reduction="sum")
+    with backend():
+        a = mod(s, t, y)
+    b = reference.kd_loss(s.double(), t.double(), y, divergence="jsd", temperature=2.0,
+                          reduction="sum")
+    assert_close(a, b, rtol=2e-5, atol=1e-5)
+    assert "jsd" in repr(mod)
+
+
+# ------------------------------------------------------------------ properties
+
+
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    V=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    divergence=st.sampled_from(DIVS),
+    temperature=st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+    with_target=st.booleans(),
+    alpha=st.sampled_from([None, 0.0, 0.5, 1.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignore_frac=st.sampled_from([0.0, 0.5, 1.0]),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),
+)
+def test_property(backend, lead, V, dtype, divergence, temperature, with_target, alpha, reduction,
+                  ignore_frac, scale):
+    if alpha is not None and alpha < 1 and not with_target:
+        alpha = None
+    s, t, y = make((*lead, V), dtype=dtype, device=backend.device, scale=scale,
+                   ignore_frac=ignore_frac, with_target=with_target)
+    go = torch.rand(lead) + 0.5 if reduction == "none" else None
+    check(backend, s, t, y, go, divergence=divergence, temperature=temperature, alpha=alpha,
+          reduction=reduction)
+
+
+# ------------------------------------------------------------------ tracing
+
+
+def test_compile_fullgraph(backend):
+    s, t, y = make((4, 6, 33), device=backend.device, ignore_frac=0.2)
+
+    def f(s, t, y):
+        return pykd.kd_loss(s, t, y, temperature=2.0, divergence="jsd") * 1.5
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    sa = s.clone().requires_grad_(True)
+    sb = s.clone().requires_grad_(True)
+    with backend():
+        a = compiled(sa, t, y)
+        a.backward()
+        b = f(sb, t, y)
+        b.backward()
+    assert_close(a, b, rtol=1e-6, atol=0)
+    assert_close(sa.grad, sb.grad, rtol=1e-6, atol=0)
+
+
+def test_opcheck(backend):
+    s, t, y = make((5, 17), device=backend.device, ignore_frac=0.2)
+    sg = s.clone().requires_grad_(True)
+    n = torch.tensor(7.0)
+    cases = [
+        (sg, t, y, None, "kl", 2.0, 0.5, 0.5, -100, True, "mean", True),
+        (sg, t, None, None, "jsd", 1.0, 1.0, 0.3, -100, True, "sum", True),
+        (sg, t, y, n, "tvd", 1.5, 0.2, 0.5, -100, False, "mean", True),
+        (s, t, y, None, "mse", 1.0, 0.5, 0.5, -100, True, "none", False),
+    ]
+    with backend():
+        for args in cases:
+            torch.library.opcheck(torch.ops.pykd.kd_loss_fwd.default, args)
+        torch.library.opcheck(torch.ops.pykd.scale_rows_.default, (s.clone(), torch.rand(5)))
+        torch.library.opcheck(torch.ops.pykd.scale_rows_.default, (s.clone(), torch.tensor(0.5)))
+
+
+# ------------------------------------------------------------------ bad input
+
+S = torch.zeros(4, 10)
+T = torch.zeros(4, 10)
+Y = torch.zeros(4, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((S.numpy(), T), {}, TypeError, "student_logits must be a torch.Tensor"),
+        ((S.long(), T), {}, TypeError, "student_logits must be float32"),
+        ((S.double(), T), {}, TypeError, "student_logits must be float32"),
+        ((S, T.int()), {}, TypeError, "teacher_logits must be float32"),
+        ((S, torch.zeros(4, 11)), {}, ValueError, "teacher_logits must have the shape"),
+        ((torch.zeros(4, 0), torch.zeros(4, 0)), {}, ValueError, "V >= 1"),
+        ((S, T, Y.int()), {}, TypeError, "target must be int64"),
+        ((S, T, torch.zeros(4, 1, dtype=torch.long)), {}, ValueError, "target must have shape"),
+        ((S, T, torch.tensor([0, 1, 10, 2])), {}, ValueError, r"target values must be in \[0, 10\)"),
+        ((S, T, torch.tensor([0, -1, 1, 2])), {}, ValueError, "found -1"),
+        ((S, T), {"divergence": "kld"}, ValueError, "divergence must be one of"),
+        ((S, T), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ((S, T), {"temperature": 0.0}, ValueError, "temperature must be a finite number in"),
+        ((S, T), {"temperature": -1.0}, ValueError, "temperature"),
+        ((S, T), {"temperature": float("inf")}, ValueError, "temperature"),
+        ((S, T), {"temperature": "2"}, TypeError, "temperature must be a real number"),
+        ((S, T), {"divergence": "jsd", "beta": 0.0}, ValueError, r"beta must be a finite number in \(0"),
+        ((S, T), {"divergence": "jsd", "beta": 1.0}, ValueError, "beta"),
+        ((S, T, Y), {"alpha": 1.5}, ValueError, r"alpha must be a finite number in \[0"),
+        ((S, T, Y), {"alpha": -0.1}, ValueError, "alpha"),
+        ((S, T), {"alpha": 0.5}, ValueError, "needs target"),
+        ((S, T), {"num_items_in_batch": 0}, ValueError, "num_items_in_batch"),
+        ((S, T), {"num_items_in_batch": torch.ones(2)}, ValueError, "num_items_in_batch"),
+        ((S, T), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ((S, T), {"scale_by_t2": 1}, TypeError, "scale_by_t2 must be a bool"),
+    ],
+)
+def test_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pykd.kd_loss(*args, **kwargs)
+
+
+def test_bad_input_meta_device():
+    with pytest.raises(ValueError, match="one device"):
+        pykd.kd_loss(S, T.to("meta"))
+
+
+# ------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_large_vocab(dtype):
+    s, t, y = make((64, 128256), dtype=dtype, device="cuda", ignore_frac=0.1)
+    from conftest import Backend
+
+    check(Backend("triton"), s, t, y, divergence="kl", temperature=2.0)
+    check(Backend("triton"), s, t, y, divergence="jsd", temperature=2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_debug_target_check():
+    s, t, _ = make((4, 10), device="cuda")
+    y = torch.tensor([0, 1, 12, 2], device="cuda")
+    pykd.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match="target values"):
+            pykd.kd_loss(s, t, y)
+    finally:
+        pykd.set_debug(False)
