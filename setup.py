@@ -33,7 +33,7 @@ define = [
     ("PYKD_TORCH_VERSION", '"' + torch.__version__ + '"'),
     ("PYKD_SOURCE_HASH", '"' + src_hash + '"'),
 ]
-cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
 if os.environ.get("PYKD_OPENMP", "1") == "1":
     cxx_flags.append("-fopenmp")
 ext_cls = CUDAExtension if cu else CppExtension

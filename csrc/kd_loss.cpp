@@ -35,90 +35,67 @@ struct RowParams {
   float beta;
   float grad_scale;  // reduction scale: 1/n for "mean", 1 otherwise
   bool has_hard;
-  bool same_t;  // T == 1: the hard CE reuses the student's softmax
   bool compute_grad;
 };
 
+// Calls body(vs, vt, k, n) on blocks of kW logits starting at k; n < kW only for the last block,
+// whose missing lanes read -inf in both rows (-inf contributes exactly 0 to every sum below).
+template <typename S, typename T, typename F>
+PYKD_INLINE void blocks(const S* s, const T* t, int64_t V, F&& body) {
+  int64_t k = 0;
+  for (; k + kW <= V; k += kW) body(load(s + k), load(t + k), k, static_cast<int64_t>(kW));
+  if (k < V) body(load_partial(s + k, V - k, -kInf), load_partial(t + k, V - k, -kInf), k, V - k);
+}
+
 template <typename S>
-inline float row_max(const S* x, int64_t V) {
-  float acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = -kInf;
-  int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const float v = to_f32(x[i + j]);
-      acc[j] = v > acc[j] ? v : acc[j];
-    }
-  float m = -kInf;
-  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
-  for (; i < V; ++i) m = to_f32(x[i]) > m ? to_f32(x[i]) : m;
-  return m;
+PYKD_INLINE float row_max(const S* x, int64_t V) {
+  vf m = splat(-kInf);
+  blocks(x, x, V, [&](vf v, vf, int64_t, int64_t) __attribute__((always_inline)) { m = vmax(m, v); });
+  return hmax(m);
 }
-
-inline float lane_sum(const float* acc) {
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-// Accumulates sweep 1 over x[i0, i1) for one block size W (kLanes for the body, 1 for the tail).
-template <Divergence D, typename S, typename T>
-struct Sweep1 {
-  float ls[kLanes] = {}, lt[kLanes] = {}, lh[kLanes] = {}, acc[kLanes] = {};
-
-  template <int W>
-  inline void block(const S* s, const T* t, int64_t i, float inv_t, float m_s, float m_t,
-                    float m_h, bool need_h) {
-    for (int j = 0; j < W; ++j) {
-      const float sr = to_f32(s[i + j]);
-      const float tr = to_f32(t[i + j]);
-      if constexpr (D == Divergence::kMSE) {
-        const float d = sr == tr ? 0.f : sr - tr;
-        acc[j] += d * d;
-      } else {
-        const float zs = sr * inv_t, zt = tr * inv_t;
-        const float es = vexp(zs - m_s), et = vexp(zt - m_t);
-        ls[j] += es;
-        lt[j] += et;
-        if constexpr (D == Divergence::kKL) acc[j] += et > 0.f ? et * (zt - zs) : 0.f;
-        if constexpr (D == Divergence::kReverseKL) acc[j] += es > 0.f ? es * (zs - zt) : 0.f;
-        if constexpr (D == Divergence::kSoftCE) acc[j] += et > 0.f ? et * zs : 0.f;
-      }
-      if (need_h) lh[j] += vexp(sr - m_h);
-    }
-  }
-};
 
 // log(beta p_t + (1 - beta) p_s) from log p_t, log p_s.
-inline float log_mix(float log_pt, float log_ps, float log_beta, float log_1mb) {
-  const float a = log_pt + log_beta, b = log_ps + log_1mb;
-  const float mx = a > b ? a : b;
-  const float mxs = mx == -kInf ? 0.f : mx;
+PYKD_INLINE vf log_mix(vf log_pt, vf log_ps, float log_beta, float log_1mb) {
+  const vf a = log_pt + log_beta, b = log_ps + log_1mb;
+  const vf mx = vmax(a, b);
+  const vf mxs = select(mx == -kInf, vf{}, mx);
   return mxs + vlog(vexp(a - mxs) + vexp(b - mxs));
 }
 
-template <Divergence D, typename S, typename T>
-PYKD_HOT void kd_row(const S* s, const T* t, S* g, int64_t y, const RowParams& P, float* soft_out,
-                     float* hard_out) {
+PYKD_INLINE vf sign(vf d) { return select(d > 0.f, splat(1.f), select(d < 0.f, splat(-1.f), vf{})); }
+
+// One row. NEED_H: the hard CE needs its own softmax of the raw logits (T != 1, or mse).
+template <Divergence D, bool NEED_H, typename S, typename T>
+PYKD_HOT void kd_row(const S* __restrict s, const T* __restrict t, S* __restrict g, int64_t y,
+                     const RowParams& P, float* soft_out, float* hard_out) {
+  constexpr bool kSoftmax = D != Divergence::kMSE;
   const int64_t V = P.V;
   const float inv_t = P.inv_t;
-  const bool need_lse = D != Divergence::kMSE || P.has_hard;
-  const float smax = need_lse ? row_max<S>(s, V) : 0.f;
-  const float tmax = D != Divergence::kMSE ? row_max<T>(t, V) : 0.f;
+  const float smax = (kSoftmax || NEED_H) ? row_max(s, V) : 0.f;
+  const float tmax = kSoftmax ? row_max(t, V) : 0.f;
   const float m_s = smax * inv_t, m_t = tmax * inv_t, m_h = smax;
-  const bool need_h = P.has_hard && (!P.same_t || D == Divergence::kMSE);
 
-  Sweep1<D, S, T> acc1;
-  int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes) acc1.template block<kLanes>(s, t, i, inv_t, m_s, m_t, m_h, need_h);
-  Sweep1<D, S, T> tail;
-  for (; i < V; ++i) tail.template block<1>(s, t, i, inv_t, m_s, m_t, m_h, need_h);
-  const float l_s = lane_sum(acc1.ls) + tail.ls[0];
-  const float l_t = lane_sum(acc1.lt) + tail.lt[0];
-  const float a = lane_sum(acc1.acc) + tail.acc[0];
-  const float lse_s = m_s + std::log(l_s);
-  const float lse_t = m_t + std::log(l_t);
-  const float lse_h = need_h ? m_h + std::log(lane_sum(acc1.lh) + tail.lh[0]) : lse_s;
+  // ---- sweep 1: softmax sums and the divergence accumulator
+  vf ls{}, lt{}, lh{}, ac{};
+  blocks(s, t, V, [&](vf sr, vf tr, int64_t, int64_t) __attribute__((always_inline)) {
+    if constexpr (D == Divergence::kMSE) {
+      const vf d = select(sr == tr, vf{}, sr - tr);
+      ac += d * d;
+    } else {
+      const vf zs = sr * inv_t, zt = tr * inv_t;
+      const vf es = vexp(zs - m_s), et = vexp(zt - m_t);
+      ls += es;
+      lt += et;
+      if constexpr (D == Divergence::kKL) ac += select(et > 0.f, et * (zt - zs), vf{});
+      if constexpr (D == Divergence::kReverseKL) ac += select(es > 0.f, es * (zs - zt), vf{});
+      if constexpr (D == Divergence::kSoftCE) ac += select(et > 0.f, et * zs, vf{});
+    }
+    if constexpr (NEED_H) lh += vexp(sr - m_h);
+  });
+  const float l_s = hsum(ls), l_t = hsum(lt), a = hsum(ac);
+  const float lse_s = kSoftmax ? m_s + std::log(l_s) : 0.f;
+  const float lse_t = kSoftmax ? m_t + std::log(l_t) : 0.f;
+  const float lse_h = NEED_H ? m_h + std::log(hsum(lh)) : lse_s;
 
   float soft = 0.f, stat = 0.f;
   if constexpr (D == Divergence::kKL) soft = a / l_t - lse_t + lse_s;
@@ -126,118 +103,115 @@ PYKD_HOT void kd_row(const S* s, const T* t, S* g, int64_t y, const RowParams& P
   if constexpr (D == Divergence::kSoftCE) soft = -a / l_t + lse_s;
   if constexpr (D == Divergence::kMSE) soft = a / static_cast<float>(V);
   const float log_beta = std::log(P.beta), log_1mb = std::log1p(-P.beta);
+
+  // ---- sweep 2 (jsd, tvd): the loss and the gradient's row statistic
   if constexpr (D == Divergence::kJSD || D == Divergence::kTVD) {
-    float x1[kLanes] = {}, x2[kLanes] = {};  // jsd: KL(p_t||m), KL(p_s||m); tvd: sum|d|, sum p_s sign
-    auto body = [&](int64_t k, int j) {
-      const float log_ps = to_f32(s[k]) * inv_t - lse_s, log_pt = to_f32(t[k]) * inv_t - lse_t;
-      const float ps = vexp(log_ps), pt = vexp(log_pt);
+    vf x1{}, x2{};  // jsd: KL(p_t||m), KL(p_s||m); tvd: sum |p_s - p_t|, sum p_s sign(p_s - p_t)
+    blocks(s, t, V, [&](vf sr, vf tr, int64_t, int64_t) __attribute__((always_inline)) {
+      const vf log_ps = sr * inv_t - lse_s, log_pt = tr * inv_t - lse_t;
+      const vf ps = vexp(log_ps), pt = vexp(log_pt);
       if constexpr (D == Divergence::kJSD) {
-        const float lm = log_mix(log_pt, log_ps, log_beta, log_1mb);
-        x1[j] += pt > 0.f ? pt * (log_pt - lm) : 0.f;
-        x2[j] += ps > 0.f ? ps * (log_ps - lm) : 0.f;
+        const vf lm = log_mix(log_pt, log_ps, log_beta, log_1mb);
+        x1 += select(pt > 0.f, pt * (log_pt - lm), vf{});
+        x2 += select(ps > 0.f, ps * (log_ps - lm), vf{});
       } else {
-        const float d = ps - pt;
-        const float sg = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
-        x1[j] += d > 0.f ? d : -d;
-        x2[j] += ps * sg;
+        const vf d = ps - pt;
+        x1 += select(d > 0.f, d, -d);
+        x2 += ps * sign(d);
       }
-    };
-    int64_t k = 0;
-    for (; k + kLanes <= V; k += kLanes)
-      for (int j = 0; j < kLanes; ++j) body(k + j, j);
-    for (; k < V; ++k) body(k, static_cast<int>(k % kLanes));
-    const float s1 = lane_sum(x1), s2 = lane_sum(x2);
-    if constexpr (D == Divergence::kJSD) {
-      soft = P.beta * s1 + (1.f - P.beta) * s2;
-      stat = s2;
-    } else {
-      soft = 0.5f * s1;
-      stat = s2;
-    }
+    });
+    const float s1 = hsum(x1), s2 = hsum(x2);
+    soft = D == Divergence::kJSD ? P.beta * s1 + (1.f - P.beta) * s2 : 0.5f * s1;
+    stat = s2;
   }
-  const float hard = P.has_hard ? lse_h - to_f32(s[y]) : 0.f;
+  const float hard = P.has_hard ? lse_h - static_cast<float>(s[y]) : 0.f;
   *soft_out = soft;
   *hard_out = hard;
   if (!P.compute_grad) return;
 
-  const float cs = P.alpha_w * P.grad_scale * inv_t;  // every soft gradient carries 1/T
+  // ---- sweep 3: the gradient, every soft term carrying 1/T and the reduction scale
+  const float cs = P.alpha_w * P.grad_scale * inv_t;
   const float ch = P.has_hard ? P.one_minus_alpha * P.grad_scale : 0.f;
-  const float inv_v2 = 2.f / static_cast<float>(V) * P.alpha_w * P.grad_scale;
-  auto grad_at = [&](int64_t k) -> float {
-    const float sr = to_f32(s[k]), tr = to_f32(t[k]);
-    float gs;
-    float ps = 0.f;
+  const float c_mse = 2.f / static_cast<float>(V) * P.alpha_w * P.grad_scale;
+  auto grad = [&](vf sr, vf tr) __attribute__((always_inline)) -> vf {
     if constexpr (D == Divergence::kMSE) {
-      gs = (sr == tr ? 0.f : sr - tr) * inv_v2;
+      const vf gs = select(sr == tr, vf{}, sr - tr) * c_mse;
+      if constexpr (NEED_H) return gs + ch * vexp(sr - lse_h);
+      return gs;
     } else {
-      const float log_ps = sr * inv_t - lse_s, log_pt = tr * inv_t - lse_t;
-      ps = vexp(log_ps);
-      const float pt = vexp(log_pt);
-      float d;
+      const vf log_ps = sr * inv_t - lse_s, log_pt = tr * inv_t - lse_t;
+      const vf ps = vexp(log_ps), pt = vexp(log_pt);
+      vf d;
       if constexpr (D == Divergence::kKL || D == Divergence::kSoftCE) d = ps - pt;
-      if constexpr (D == Divergence::kReverseKL) d = ps > 0.f ? ps * (log_ps - log_pt - stat) : 0.f;
+      if constexpr (D == Divergence::kReverseKL)
+        d = select(ps > 0.f, ps * (log_ps - log_pt - stat), vf{});
       if constexpr (D == Divergence::kJSD)
-        d = ps > 0.f ? (1.f - P.beta) * ps * (log_ps - log_mix(log_pt, log_ps, log_beta, log_1mb) - stat)
-                     : 0.f;
-      if constexpr (D == Divergence::kTVD) {
-        const float df = ps - pt;
-        const float sg = df > 0.f ? 1.f : (df < 0.f ? -1.f : 0.f);
-        d = 0.5f * ps * (sg - stat);
-      }
-      gs = cs * d;
+        d = select(ps > 0.f,
+                   (1.f - P.beta) * ps * (log_ps - log_mix(log_pt, log_ps, log_beta, log_1mb) - stat),
+                   vf{});
+      if constexpr (D == Divergence::kTVD) d = 0.5f * ps * (sign(ps - pt) - stat);
+      vf ph = ps;
+      if constexpr (NEED_H) ph = vexp(sr - lse_h);
+      return cs * d + ch * ph;
     }
-    if (ch != 0.f) {
-      const float ph = need_h ? vexp(sr - lse_h) : ps;
-      gs += ch * ph;
-    }
-    return gs;
   };
-  int64_t k = 0;
-  for (; k + kLanes <= V; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) g[k + j] = static_cast<S>(grad_at(k + j));
-  for (; k < V; ++k) g[k] = static_cast<S>(grad_at(k));
-  // The one-hot term of the hard CE, applied to the one entry it touches, rounded once.
-  if (P.has_hard && ch != 0.f) g[y] = static_cast<S>(grad_at(y) - ch);
+  blocks(s, t, V, [&](vf sr, vf tr, int64_t k, int64_t n) __attribute__((always_inline)) {
+    if (n == kW)
+      store(g + k, grad(sr, tr));
+    else
+      store_partial(g + k, n, grad(sr, tr));
+  });
+  // The one-hot term of the hard CE, on the one entry it touches, rounded once.
+  if (P.has_hard) {
+    const vf gy = grad(load_partial(s + y, 1, -kInf), load_partial(t + y, 1, -kInf)) - ch;
+    store_partial(g + y, 1, gy);
+  }
 }
 
-template <typename S, typename T>
-void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* target,
-             int64_t ignore_index, Divergence div, const RowParams& P, float* soft, float* hard,
-             at::Tensor& grad) {
-  const int64_t R = student.size(0), V = P.V;
-  const S* s = student.data_ptr<S>();
-  const T* t = teacher.data_ptr<T>();
-  S* g = P.compute_grad ? grad.data_ptr<S>() : nullptr;
+template <Divergence D, bool NEED_H, typename S, typename T>
+void kd_rows(const S* s, const T* t, S* g, const int64_t* target, int64_t R, int64_t ignore_index,
+             const RowParams& P, float* soft, float* hard) {
+  const int64_t V = P.V;
   // Rows are independent; a grain of a few rows keeps each thread streaming whole rows.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t y = target ? target[r] : -1;
       S* gr = g ? g + r * V : nullptr;
-      if (target && y == ignore_index) {
-        soft[r] = 0.f;
-        hard[r] = 0.f;
-        if (gr)
-          for (int64_t k = 0; k < V; ++k) gr[k] = static_cast<S>(0.f);
+      if (target && y == ignore_index) {  // counts for nothing: 0 loss, 0 gradient
+        soft[r] = hard[r] = 0.f;
+        if (gr) std::fill(gr, gr + V, static_cast<S>(0.f));
         continue;
       }
-      const S* sr = s + r * V;
-      const T* tr = t + r * V;
-      switch (div) {
-#define PYKD_ROW(D) \
-  case D:           \
-    kd_row<D, S, T>(sr, tr, gr, y, P, soft + r, hard + r); \
-    break;
-        PYKD_ROW(Divergence::kKL)
-        PYKD_ROW(Divergence::kReverseKL)
-        PYKD_ROW(Divergence::kSoftCE)
-        PYKD_ROW(Divergence::kJSD)
-        PYKD_ROW(Divergence::kTVD)
-        PYKD_ROW(Divergence::kMSE)
-#undef PYKD_ROW
-      }
+      kd_row<D, NEED_H, S, T>(s + r * V, t + r * V, gr, y, P, soft + r, hard + r);
     }
   });
+}
+
+template <typename S, typename T>
+void kd_dispatch(Divergence div, bool need_h, const at::Tensor& st, const at::Tensor& tt,
+                 at::Tensor& grad, const int64_t* target, int64_t ignore_index, const RowParams& P,
+                 float* soft, float* hard) {
+  const S* s = reinterpret_cast<const S*>(st.const_data_ptr());
+  const T* t = reinterpret_cast<const T*>(tt.const_data_ptr());
+  S* g = P.compute_grad ? reinterpret_cast<S*>(grad.data_ptr()) : nullptr;
+  const int64_t R = st.size(0);
+#define PYKD_CASE(DV)                                                                         \
+  case DV:                                                                                    \
+    if (need_h)                                                                               \
+      kd_rows<DV, true, S, T>(s, t, g, target, R, ignore_index, P, soft, hard);               \
+    else                                                                                      \
+      kd_rows<DV, false, S, T>(s, t, g, target, R, ignore_index, P, soft, hard);              \
+    break;
+  switch (div) {
+    PYKD_CASE(Divergence::kKL)
+    PYKD_CASE(Divergence::kReverseKL)
+    PYKD_CASE(Divergence::kSoftCE)
+    PYKD_CASE(Divergence::kJSD)
+    PYKD_CASE(Divergence::kTVD)
+    PYKD_CASE(Divergence::kMSE)
+  }
+#undef PYKD_CASE
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
@@ -250,7 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   const Divergence div = parse_divergence(std::string(divergence));
   const Reduction red = parse_reduction(std::string(reduction));
   const auto s = student.contiguous();
-  const auto t = teacher.contiguous();
+  // Mixed dtypes: a teacher that is not the student's dtype is read as fp32 (exact for fp16/bf16).
+  auto t = teacher.scalar_type() == s.scalar_type() ? teacher.contiguous()
+                                                    : teacher.to(at::kFloat).contiguous();
   const int64_t R = s.size(0), V = s.size(1);
   at::Tensor tgt;
   if (target.has_value()) {
@@ -270,21 +246,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   P.beta = static_cast<float>(beta);
   P.grad_scale = red == Reduction::kMean ? static_cast<float>(1.0 / n) : 1.f;
   P.has_hard = tp != nullptr;  // the hard CE is always reported; its gradient weight is 1 - alpha
-  P.same_t = temperature == 1.0;
   P.compute_grad = compute_grad;
 
   auto fopts = s.options().dtype(at::kFloat);
   auto soft = at::empty({R}, fopts);
   auto hard = at::empty({R}, fopts);
   auto grad = compute_grad ? at::empty({R, V}, s.options()) : at::empty({0}, s.options());
+  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf ||
+                  s.scalar_type() == at::kBFloat16,
+              "pykd::kd_loss_fwd: logits must be float32, float16 or bfloat16");
+  const bool need_h = P.has_hard && (temperature != 1.0 || div == Divergence::kMSE);
   if (R > 0 && V > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_s", [&] {
-      using S = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "kd_loss_t", [&] {
-        kd_rows<S, scalar_t>(s, t, tp, ignore_index, div, P, soft.data_ptr<float>(),
-                             hard.data_ptr<float>(), grad);
-      });
-    });
+    const bool same = t.scalar_type() == s.scalar_type();
+    float* sp = soft.data_ptr<float>();
+    float* hp = hard.data_ptr<float>();
+    switch (s.scalar_type()) {
+      case at::kFloat:
+        kd_dispatch<float, float>(div, need_h, s, t, grad, tp, ignore_index, P, sp, hp);
+        break;
+      case at::kHalf:
+        if (same)
+          kd_dispatch<c10::Half, c10::Half>(div, need_h, s, t, grad, tp, ignore_index, P, sp, hp);
+        else
+          kd_dispatch<c10::Half, float>(div, need_h, s, t, grad, tp, ignore_index, P, sp, hp);
+        break;
+      default:
+        if (same)
+          kd_dispatch<c10::BFloat16, c10::BFloat16>(div, need_h, s, t, grad, tp, ignore_index, P, sp,
+                                                    hp);
+        else
+          kd_dispatch<c10::BFloat16, float>(div, need_h, s, t, grad, tp, ignore_index, P, sp, hp);
+    }
   }
   auto [loss, soft_r, hard_r] = reduce_rows(soft, hard, P.alpha_w, P.one_minus_alpha, red, n);
   return {loss, soft_r, hard_r, grad};

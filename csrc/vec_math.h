@@ -1,11 +1,11 @@
-// Branch-free float math that GCC auto-vectorizes inside fixed-width lane loops.
+// Eight-lane float math written with GCC vector extensions, so it is SIMD on every target.
 //
-// std::exp/std::log are scalar library calls that block vectorization; these are Cephes-style
-// range reduction + polynomial, accurate to ~2 ulp on the ranges softmax needs. Hot loops process
-// rows in blocks of kLanes floats with per-lane accumulators so that float reductions vectorize
-// without -ffast-math (the summation order is fixed, so results are deterministic).
+// std::exp/std::log are scalar library calls; vexp/vlog are Cephes-style range reduction +
+// polynomial, accurate to ~2 ulp on the ranges softmax needs. Row loops keep per-lane partial sums
+// and add the lanes in a fixed order at the end, so results are deterministic without -ffast-math.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -15,7 +15,6 @@
 
 namespace pykd {
 
-constexpr int kLanes = 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Compile a hot function for AVX2+FMA and for the baseline; the loader picks one at run time.
@@ -24,48 +23,62 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 #else
 #define PYKD_HOT
 #endif
+#define PYKD_INLINE inline __attribute__((always_inline))
 
-inline float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
+// Eight fp32 lanes (one AVX register; two SSE registers on the baseline target).
+constexpr int kW = 8;
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vu16 __attribute__((vector_size(16)));
+typedef _Float16 vh __attribute__((vector_size(16)));
+
+PYKD_INLINE vf splat(float x) { return vf{} + x; }
+PYKD_INLINE vf select(vi m, vf a, vf b) { return m ? a : b; }
+
+PYKD_INLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int j = 0; j < kW; ++j) s += v[j];
+  return s;
 }
-inline int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
+PYKD_INLINE float hmax(vf v) {
+  float m = -kInf;
+  for (int j = 0; j < kW; ++j) m = v[j] > m ? v[j] : m;
+  return m;
 }
+PYKD_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
 
 // exp(x); exactly 0 for x < -87.3 (including -inf), +inf above 88.7.
-inline float vexp(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float kf = __builtin_rintf(xc * 1.44269504088896341f);
-  float r = xc - kf * 0.693359375f;
+PYKD_INLINE vf vexp(vf x) {
+  const vf lo = splat(-87.3f), hi = splat(88.7f);
+  const vf xc = select(x < lo, lo, select(x > hi, hi, x));
+  // Round to nearest by adding 1.5 * 2^23 (exact for |v| < 2^22; SSE2 has no vector rint).
+  const vf kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vf r = xc - kf * 0.693359375f;
   r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const float scale = bits_to_float((static_cast<int32_t>(kf) + 127) << 23);
-  const float y = p * scale;
-  return x < -87.3f ? 0.0f : (x > 88.7f ? kInf : y);
+  const vi k = __builtin_convertvector(kf, vi);
+  const vf scale = (vf)((k + 127) << 23);
+  return select(x < lo, vf{}, select(x > hi, splat(kInf), p * scale));
 }
 
-// log(x) for x > 0 finite (normal range); log(0) = -inf.
-inline float vlog(float x) {
-  const int32_t bits = float_to_bits(x);
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  // Move m into [sqrt(1/2), sqrt(2)) for a well-conditioned polynomial.
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const float f = m - 1.0f;
-  const float z = f * f;
-  float p = 7.0376836292e-2f;
+// log(x) for x > 0 in the normal range; log(0) = -inf.
+PYKD_INLINE vf vlog(vf x) {
+  const vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 127;
+  vf m = (vf)((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const vi big = m > 1.41421356f;  // move m into [sqrt(1/2), sqrt(2))
+  m = select(big, m * 0.5f, m);
+  e = e - big;  // big is -1 where true
+  const vf f = m - 1.0f;
+  const vf z = f * f;
+  vf p = splat(7.0376836292e-2f);
   p = p * f - 1.1514610310e-1f;
   p = p * f + 1.1676998740e-1f;
   p = p * f - 1.2420140846e-1f;
@@ -74,14 +87,52 @@ inline float vlog(float x) {
   p = p * f + 2.0000714765e-1f;
   p = p * f - 2.4999993993e-1f;
   p = p * f + 3.3333331174e-1f;
-  float y = f * z * p - 0.5f * z + f;
-  y = y + static_cast<float>(e) * 0.693147180559945f;
-  return x == 0.0f ? -kInf : y;
+  vf y = f * z * p - 0.5f * z + f;
+  y = y + __builtin_convertvector(e, vf) * 0.693147180559945f;
+  return select(x == 0.0f, splat(-kInf), y);
 }
 
-template <typename T>
-inline float to_f32(T v) {
-  return static_cast<float>(v);
+// Loads of kW elements in the logits' dtype, and stores with one rounding (nearest even).
+PYKD_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+PYKD_INLINE vf load(const c10::BFloat16* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+PYKD_INLINE vf load(const c10::Half* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vf);
+}
+PYKD_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+PYKD_INLINE void store(c10::BFloat16* p, vf v) {
+  const vu b = (vu)v;
+  const vu r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  const vu out = (v != v) ? ((b >> 16) | 0x40u) : r;  // keep NaN a NaN
+  const vu16 h = __builtin_convertvector(out, vu16);
+  std::memcpy(p, &h, sizeof h);
+}
+PYKD_INLINE void store(c10::Half* p, vf v) {
+  const vh h = __builtin_convertvector(v, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// A partial block: the first n elements of x, the rest `fill`.
+template <typename S>
+PYKD_INLINE vf load_partial(const S* x, int64_t n, float fill) {
+  float buf[kW];
+  for (int j = 0; j < kW; ++j) buf[j] = j < n ? static_cast<float>(x[j]) : fill;
+  return load(buf);
+}
+template <typename S>
+PYKD_INLINE void store_partial(S* x, int64_t n, vf v) {
+  S buf[kW];
+  store(buf, v);
+  for (int64_t j = 0; j < n; ++j) x[j] = buf[j];
 }
 
 }  // namespace pykd
