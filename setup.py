@@ -1,4 +1,5 @@
-"""Builds the C++ CPU extension ``pykd._C`` and installs ``kernels/`` as ``pykd.kernels``.
+"""Builds the C++ CPU extension ``pykd._C``; installs ``kernels/`` as ``pykd.kernels`` and
+``benchmarks/`` as ``pykd.benchmarks`` (so ``pykd bench`` works from any install).
 
 CUDA sources (``csrc/*.cu``) are compiled only when the installed torch is a CUDA build: an nvcc on a
 CPU-only machine must not switch CUDA on.
@@ -47,8 +48,13 @@ ext = ext_cls(
 )
 
 setup(
-    packages=["pykd", "pykd.nn", "pykd.kernels"],
-    package_dir={"pykd": "pykd", "pykd.nn": "pykd/nn", "pykd.kernels": "kernels"},
+    packages=["pykd", "pykd.nn", "pykd.kernels", "pykd.benchmarks"],
+    package_dir={
+        "pykd": "pykd",
+        "pykd.nn": "pykd/nn",
+        "pykd.kernels": "kernels",
+        "pykd.benchmarks": "benchmarks",
+    },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -21,8 +21,23 @@ from typing import Callable
 
 import torch
 
-FIELDS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "median", "p20", "p80",
-          "device", "dtype", "pykd_version", "commit", "date"]
+FIELDS = [
+    "op",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "x_name",
+    "x_value",
+    "median",
+    "p20",
+    "p80",
+    "device",
+    "dtype",
+    "pykd_version",
+    "commit",
+    "date",
+]
 
 
 def device_name(device: torch.device) -> str:
@@ -45,11 +60,21 @@ def device_name(device: torch.device) -> str:
 def commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -125,14 +150,29 @@ class Recorder:
         import pykd
 
         med, p20, p80 = stats if isinstance(stats, tuple) else (stats, stats, stats)
-        self.rows.append(dict(
-            op=self.op, provider=provider, mode=mode, metric=metric, unit=unit, x_name=self.x_name,
-            x_value=x_value, median=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}",
-            device=device_name(self.device), dtype=self.dtype, pykd_version=pykd.__version__,
-            commit=commit(), date=datetime.date.today().isoformat(),
-        ))
-        print(f"  {provider:>10} {mode:>4} {metric:>6} {self.x_name}={x_value}: {med:.4g} {unit}",
-              flush=True)
+        self.rows.append(
+            dict(
+                op=self.op,
+                provider=provider,
+                mode=mode,
+                metric=metric,
+                unit=unit,
+                x_name=self.x_name,
+                x_value=x_value,
+                median=f"{med:.6g}",
+                p20=f"{p20:.6g}",
+                p80=f"{p80:.6g}",
+                device=device_name(self.device),
+                dtype=self.dtype,
+                pykd_version=pykd.__version__,
+                commit=commit(),
+                date=datetime.date.today().isoformat(),
+            )
+        )
+        print(
+            f"  {provider:>10} {mode:>4} {metric:>6} {self.x_name}={x_value}: {med:.4g} {unit}",
+            flush=True,
+        )
 
     def write(self, out_dir: str, stem: str) -> tuple[str, str | None]:
         os.makedirs(out_dir, exist_ok=True)
@@ -159,11 +199,20 @@ def plot(rows: list[dict], path: str) -> str | None:
     for ax, (metric, mode) in zip(axes[0], panels):
         sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
         for prov in sorted({r["provider"] for r in sel}):
-            pts = sorted((float(r["x_value"]), float(r["median"]), float(r["p20"]), float(r["p80"]))
-                         for r in sel if r["provider"] == prov)
+            pts = sorted(
+                (float(r["x_value"]), float(r["median"]), float(r["p20"]), float(r["p80"]))
+                for r in sel
+                if r["provider"] == prov
+            )
             xs, med, lo, hi = zip(*pts)
-            ax.errorbar(xs, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
-                        marker="o", capsize=3, label=prov)
+            ax.errorbar(
+                xs,
+                med,
+                yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                marker="o",
+                capsize=3,
+                label=prov,
+            )
         r0 = sel[0]
         ax.set_title(f"{r0['op']} {mode} {metric}")
         ax.set_xlabel(r0["x_name"])
@@ -172,8 +221,10 @@ def plot(rows: list[dict], path: str) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"{r0['device']}  {r0['dtype']}  pykd {r0['pykd_version']} @ {r0['commit']}  {r0['date']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{r0['device']}  {r0['dtype']}  pykd {r0['pykd_version']} @ {r0['commit']}  {r0['date']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

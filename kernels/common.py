@@ -44,6 +44,4 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
     C = x.shape[-1] if x.dim() > 0 else 1
     scale = scale.contiguous()
     block = 4096
-    _scale_rows_kernel[(triton.cdiv(n, block),)](
-        x, scale, C, n, PER_ROW=scale.numel() != 1, BLOCK=block
-    )
+    _scale_rows_kernel[(triton.cdiv(n, block),)](x, scale, C, n, PER_ROW=scale.numel() != 1, BLOCK=block)

@@ -71,7 +71,6 @@ def _kd_loss_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     NEED_H: tl.constexpr = HAS_TARGET and ((not SAME_T) or DIV == 5)
     for row64 in range(pid, R, nprog):
-
         s_row = s_ptr + row64 * stride_s
         t_row = t_ptr + row64 * stride_t
         y = 0

@@ -4,7 +4,6 @@ CUDA tensors run Triton kernels, CPU tensors run C++ kernels (``pykd._C``); ever
 ``torch.library`` custom op with a fake kernel, so ``torch.compile(fullgraph=True)`` traces it.
 """
 
-from . import _backend
 from ._backend import set_debug
 from .kd_loss import kd_loss
 

@@ -162,27 +162,42 @@ def _check_target_range(target: torch.Tensor, V: int, ignore_index: int) -> None
     counted = target[target != ignore_index]
     if counted.numel() and (bool((counted < 0).any()) or bool((counted >= V).any())):
         bad = counted[(counted < 0) | (counted >= V)][0].item()
-        raise ValueError(
-            f"target values must be in [0, {V}) or ignore_index={ignore_index}, found {bad}"
-        )
+        raise ValueError(f"target values must be in [0, {V}) or ignore_index={ignore_index}, found {bad}")
 
 
 # ---------------------------------------------------------------- op registration
 
 
-def _kd_loss_fwd_fake(student, teacher, target, num_items, divergence, temperature, alpha, beta,
-                      ignore_index, scale_by_t2, reduction, compute_grad):
+def _kd_loss_fwd_fake(
+    student,
+    teacher,
+    target,
+    num_items,
+    divergence,
+    temperature,
+    alpha,
+    beta,
+    ignore_index,
+    scale_by_t2,
+    reduction,
+    compute_grad,
+):
     R, V = student.shape
     shape = (R,) if reduction == "none" else ()
     f32 = dict(dtype=torch.float32)
     grad = student.new_empty((R, V) if compute_grad else (0,))
-    return student.new_empty(shape, **f32), student.new_empty(shape, **f32), \
-        student.new_empty(shape, **f32), grad
+    return (
+        student.new_empty(shape, **f32),
+        student.new_empty(shape, **f32),
+        student.new_empty(shape, **f32),
+        grad,
+    )
 
 
 def _kd_loss_setup_context(ctx, inputs, output):
     _, _, soft, hard, grad = (None, *output)
     ctx.mark_non_differentiable(soft, hard, grad)
+    ctx.set_materialize_grads(False)  # else autograd builds a zero (rows, V) cotangent for `grad`
     ctx.save_for_backward(grad)
     ctx.consumed = False
 
@@ -193,8 +208,10 @@ def _kd_loss_backward(ctx, dloss, dsoft, dhard, dgrad):
             "pykd.kd_loss: backward ran twice through the same graph; the gradient is computed in "
             "the forward and scaled in place, so recompute the loss instead of retain_graph=True"
         )
+    if dloss is None:
+        return (None,) * 12
     (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and dloss is not None:
+    if grad.numel() == 0:
         raise RuntimeError(
             "pykd.kd_loss: the forward ran without a gradient (student_logits did not require grad "
             "or grad mode was off); call kd_loss with grad enabled to backpropagate"

@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 def _interpreter_bf16_rne() -> None:
     """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU's cvt.rn.bf16.f32 does.
 

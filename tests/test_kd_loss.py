@@ -68,8 +68,7 @@ def run(backend, s, t, y, go=None, **opts):
 def run_ref(s, t, y, go, **opts):
     leaf = s.detach().cpu().double().requires_grad_(True)
     yy = None if y is None else y.cpu()
-    loss, soft, hard = reference.kd_loss(leaf, t.detach().cpu().double(), yy, return_components=True,
-                                         **opts)
+    loss, soft, hard = reference.kd_loss(leaf, t.detach().cpu().double(), yy, return_components=True, **opts)
     if go is None:
         go = torch.full_like(loss, 0.75) if loss.dim() else torch.tensor(0.75)
     loss.backward(go.double().cpu())
@@ -92,8 +91,7 @@ def check(backend, s, t, y, go=None, **opts):
     zmax = max(f.abs().max().item() if f.numel() else 0.0 for f in finite) / T
     cond = 2.0**-23 * zmax
     rtol, atol = TOL[s.dtype]
-    assert_close(grad, rg, rtol=rtol + cond, atol=atol + cond, scale=grad_unit(s, y, go, opts),
-                 name="grad")
+    assert_close(grad, rg, rtol=rtol + cond, atol=atol + cond, scale=grad_unit(s, y, go, opts), name="grad")
     return loss, grad
 
 
@@ -114,8 +112,17 @@ def check(backend, s, t, y, go=None, **opts):
 def test_matches_reference(backend, divergence, temperature, alpha, with_target, reduction):
     s, t, y = make((3, 5, 37), device=backend.device, ignore_frac=0.3, with_target=with_target)
     go = torch.rand(3, 5) + 0.5 if reduction == "none" else None
-    check(backend, s, t, y, go, divergence=divergence, temperature=temperature, alpha=alpha,
-          reduction=reduction)
+    check(
+        backend,
+        s,
+        t,
+        y,
+        go,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd"])
@@ -280,8 +287,7 @@ def test_module(backend):
     mod = pykd.nn.KDLoss(divergence="jsd", temperature=2.0, reduction="sum")
     with backend():
         a = mod(s, t, y)
-    b = reference.kd_loss(s.double(), t.double(), y, divergence="jsd", temperature=2.0,
-                          reduction="sum")
+    b = reference.kd_loss(s.double(), t.double(), y, divergence="jsd", temperature=2.0, reduction="sum")
     assert_close(a, b, rtol=2e-5, atol=1e-5)
     assert "jsd" in repr(mod)
 
@@ -301,15 +307,41 @@ def test_module(backend):
     ignore_frac=st.sampled_from([0.0, 0.5, 1.0]),
     scale=st.sampled_from([0.1, 3.0, 30.0]),
 )
-def test_property(backend, lead, V, dtype, divergence, temperature, with_target, alpha, reduction,
-                  ignore_frac, scale):
+def test_property(
+    backend,
+    lead,
+    V,
+    dtype,
+    divergence,
+    temperature,
+    with_target,
+    alpha,
+    reduction,
+    ignore_frac,
+    scale,
+):
     if alpha is not None and alpha < 1 and not with_target:
         alpha = None
-    s, t, y = make((*lead, V), dtype=dtype, device=backend.device, scale=scale,
-                   ignore_frac=ignore_frac, with_target=with_target)
+    s, t, y = make(
+        (*lead, V),
+        dtype=dtype,
+        device=backend.device,
+        scale=scale,
+        ignore_frac=ignore_frac,
+        with_target=with_target,
+    )
     go = torch.rand(lead) + 0.5 if reduction == "none" else None
-    check(backend, s, t, y, go, divergence=divergence, temperature=temperature, alpha=alpha,
-          reduction=reduction)
+    check(
+        backend,
+        s,
+        t,
+        y,
+        go,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        reduction=reduction,
+    )
 
 
 # ------------------------------------------------------------------ tracing
@@ -368,7 +400,12 @@ Y = torch.zeros(4, dtype=torch.long)
         ((torch.zeros(4, 0), torch.zeros(4, 0)), {}, ValueError, "V >= 1"),
         ((S, T, Y.int()), {}, TypeError, "target must be int64"),
         ((S, T, torch.zeros(4, 1, dtype=torch.long)), {}, ValueError, "target must have shape"),
-        ((S, T, torch.tensor([0, 1, 10, 2])), {}, ValueError, r"target values must be in \[0, 10\)"),
+        (
+            (S, T, torch.tensor([0, 1, 10, 2])),
+            {},
+            ValueError,
+            r"target values must be in \[0, 10\)",
+        ),
         ((S, T, torch.tensor([0, -1, 1, 2])), {}, ValueError, "found -1"),
         ((S, T), {"divergence": "kld"}, ValueError, "divergence must be one of"),
         ((S, T), {"reduction": "avg"}, ValueError, "reduction must be one of"),
@@ -376,7 +413,12 @@ Y = torch.zeros(4, dtype=torch.long)
         ((S, T), {"temperature": -1.0}, ValueError, "temperature"),
         ((S, T), {"temperature": float("inf")}, ValueError, "temperature"),
         ((S, T), {"temperature": "2"}, TypeError, "temperature must be a real number"),
-        ((S, T), {"divergence": "jsd", "beta": 0.0}, ValueError, r"beta must be a finite number in \(0"),
+        (
+            (S, T),
+            {"divergence": "jsd", "beta": 0.0},
+            ValueError,
+            r"beta must be a finite number in \(0",
+        ),
         ((S, T), {"divergence": "jsd", "beta": 1.0}, ValueError, "beta"),
         ((S, T, Y), {"alpha": 1.5}, ValueError, r"alpha must be a finite number in \[0"),
         ((S, T, Y), {"alpha": -0.1}, ValueError, "alpha"),

@@ -1,0 +1,1 @@
+"""Benchmarks, one script per op (installed as ``pykd.benchmarks``)."""

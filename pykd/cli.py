@@ -1,0 +1,72 @@
+"""The ``pykd`` command: ``pykd bench [op ...]`` and ``pykd info``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+BENCHMARKS = ("kd_loss",)
+
+
+def info() -> dict:
+    """Versions, devices, and which backends are built and usable."""
+    import torch
+
+    import pykd
+    from pykd import _backend
+
+    out = {
+        "pykd": pykd.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpp_backend": "ok" if _backend.has_cpp() else f"unusable: {_backend._C_ERROR}",
+        "cuda": torch.version.cuda or "not in this torch build",
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    if _backend.HAS_TRITON:
+        import triton
+
+        usable = torch.cuda.is_available() or _backend.interpreting()
+        how = "interpreter (TRITON_INTERPRET=1)" if _backend.interpreting() else "GPU"
+        out["triton"] = f"{triton.__version__} ({how})" if usable else f"{triton.__version__} (no GPU)"
+    else:
+        out["triton"] = "not installed"
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pykd", description="pykd: fused knowledge-distillation kernels")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser(
+        "bench",
+        help="run benchmarks (CSV + PNG under benchmarks/results/<device>/)",
+        add_help=False,
+    )
+    b.add_argument("ops", nargs="*", help=f"ops to benchmark (default: all of {', '.join(BENCHMARKS)})")
+    sub.add_parser("info", help="versions, devices and usable backends")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "info":
+        for k, v in info().items():
+            print(f"{k:>12}: {v}")
+        return 0
+    if "-h" in rest or "--help" in rest:
+        print("usage: pykd bench [op ...] [benchmark options]; ops:", ", ".join(BENCHMARKS))
+        print(
+            "options are the benchmark script's, e.g. --quick, --device, --rows; see "
+            "python -m pykd.benchmarks.bench_<op> --help"
+        )
+        return 0
+    unknown = [op for op in args.ops if op not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for op in args.ops or BENCHMARKS:
+        importlib.import_module(f"pykd.benchmarks.bench_{op}").main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
