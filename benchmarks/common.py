@@ -145,6 +145,10 @@ class Recorder:
     dtype: str
     x_name: str
     rows: list
+    commit: str = ""  # taken once, when the run starts: the code being measured
+
+    def __post_init__(self):
+        self.commit = self.commit or commit()
 
     def add(self, provider, mode, metric, unit, x_value, stats):
         import pykd
@@ -165,7 +169,7 @@ class Recorder:
                 device=device_name(self.device),
                 dtype=self.dtype,
                 pykd_version=pykd.__version__,
-                commit=commit(),
+                commit=self.commit,
                 date=datetime.date.today().isoformat(),
             )
         )

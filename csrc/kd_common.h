@@ -3,11 +3,23 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
 namespace pykd {
+
+// A fresh output tensor; NaN-filled when PYKD_POISON_OUTPUTS=1 (tests), so any element a kernel
+// fails to write shows up instead of passing on whatever memory held.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+  const char* poison = std::getenv("PYKD_POISON_OUTPUTS");
+  if (poison && poison[0] == '1' && at::isFloatingType(t.scalar_type()))
+    t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
 
 enum class Divergence { kKL, kReverseKL, kSoftCE, kJSD, kTVD, kMSE };
 enum class Reduction { kMean, kSum, kNone };

@@ -249,9 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   P.compute_grad = compute_grad;
 
   auto fopts = s.options().dtype(at::kFloat);
-  auto soft = at::empty({R}, fopts);
-  auto hard = at::empty({R}, fopts);
-  auto grad = compute_grad ? at::empty({R, V}, s.options()) : at::empty({0}, s.options());
+  auto soft = new_output({R}, fopts);
+  auto hard = new_output({R}, fopts);
+  auto grad = new_output(compute_grad ? at::IntArrayRef{R, V} : at::IntArrayRef{0}, s.options());
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf ||
                   s.scalar_type() == at::kBFloat16,
               "pykd::kd_loss_fwd: logits must be float32, float16 or bfloat16");

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 # Order is the kernels' DIV constexpr; pykd.kd_loss validates names against it.
 DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
+
+
+def new_output(shape, *, device, dtype) -> torch.Tensor:
+    """A fresh output tensor; NaN-filled when PYKD_POISON_OUTPUTS=1 (tests), so any element a
+    kernel fails to write shows up instead of passing on whatever memory held."""
+    t = torch.empty(shape, device=device, dtype=dtype)
+    if os.environ.get("PYKD_POISON_OUTPUTS") == "1" and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
 
 
 def reduction_denominator(target, R, ignore_index, num_items, device) -> torch.Tensor:

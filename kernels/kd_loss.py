@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DIVERGENCES, reduction_denominator
+from .common import DIVERGENCES, new_output, reduction_denominator
 
 # Grid cap: one program per row up to here, then programs stride over rows. CUDA's grid x-limit is
 # far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
@@ -251,9 +251,9 @@ def kd_loss_fwd(
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     dev = student.device
-    soft = torch.empty(R, device=dev, dtype=torch.float32)
-    hard = torch.empty(R, device=dev, dtype=torch.float32)
-    grad = torch.empty((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
+    soft = new_output(R, device=dev, dtype=torch.float32)
+    hard = new_output(R, device=dev, dtype=torch.float32)
+    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
     n = reduction_denominator(target, R, ignore_index, num_items, dev)
     scale = 1.0 / n if reduction == "mean" else torch.ones((), device=dev, dtype=torch.float32)
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature
