@@ -231,6 +231,12 @@ def _log_mix(log_pt, log_ps, log_beta, log_1mb):
     return mxs + tl.log(tl.exp(a - mxs) + tl.exp(b - mxs))
 
 
+def launch_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of V."""
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    return block_v, 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+
+
 def kd_loss_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -259,8 +265,7 @@ def kd_loss_fwd(
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature
     alpha_w = alpha * w
     if R > 0 and V > 0:
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-        num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+        block_v, num_warps = launch_config(V)
         _kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
             student,
             teacher,
