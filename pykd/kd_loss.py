@@ -195,7 +195,7 @@ def _kd_loss_fwd_fake(
 
 
 def _kd_loss_setup_context(ctx, inputs, output):
-    _, _, soft, hard, grad = (None, *output)
+    _, soft, hard, grad = output
     ctx.mark_non_differentiable(soft, hard, grad)
     ctx.set_materialize_grads(False)  # else autograd builds a zero (rows, V) cotangent for `grad`
     ctx.save_for_backward(grad)
