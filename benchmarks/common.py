@@ -57,28 +57,21 @@ def device_name(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def commit() -> str:
+def _git(*args: str) -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if out.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def commit() -> str:
+    """The short commit of the code being measured, "-dirty" if tracked files differ from it."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None:
+        return "unknown"
+    return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
