@@ -244,7 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   P.alpha_w = static_cast<float>(alpha * w);
   P.one_minus_alpha = static_cast<float>(1.0 - alpha);
   P.beta = static_cast<float>(beta);
-  P.grad_scale = red == Reduction::kMean ? static_cast<float>(1.0 / n) : 1.f;
+  // fp16 keeps the per-row gradient and backward applies grad_output / n (see
+  // pykd._backend.mean_scale_in_forward): 1/n first would underflow fp16 before a loss scaler.
+  const bool fold_mean = red == Reduction::kMean && s.scalar_type() != at::kHalf;
+  P.grad_scale = fold_mean ? static_cast<float>(1.0 / n) : 1.f;
   P.has_hard = tp != nullptr;  // the hard CE is always reported; its gradient weight is 1 - alpha
   P.compute_grad = compute_grad;
 

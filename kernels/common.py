@@ -21,16 +21,6 @@ def new_output(shape, *, device, dtype) -> torch.Tensor:
     return t
 
 
-def reduction_denominator(target, R, ignore_index, num_items, device) -> torch.Tensor:
-    """The "mean" denominator as a 0-d fp32 device tensor (no host sync): num_items when given,
-    else the rows that count, at least 1 so an all-ignored batch gives 0 rather than NaN."""
-    if num_items is not None:
-        return num_items.to(device=device, dtype=torch.float32).reshape(())
-    if target is None:
-        return torch.full((), float(max(R, 1)), device=device, dtype=torch.float32)
-    return (target != ignore_index).sum().clamp_min(1).to(torch.float32)
-
-
 @triton.jit
 def _scale_rows_kernel(x_ptr, scale_ptr, C, n_elem, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     """x[r, c] *= scale[r] (PER_ROW) or scale[0]; returns at once when a shared scale is exactly 1,

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DIVERGENCES, new_output, reduction_denominator
+from .._backend import mean_scale_in_forward, reduction_denominator
+from .common import DIVERGENCES, new_output
 
 # Grid cap: one program per row up to here, then programs stride over rows. CUDA's grid x-limit is
 # far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
@@ -261,7 +262,10 @@ def kd_loss_fwd(
     hard = new_output(R, device=dev, dtype=torch.float32)
     grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
     n = reduction_denominator(target, R, ignore_index, num_items, dev)
-    scale = 1.0 / n if reduction == "mean" else torch.ones((), device=dev, dtype=torch.float32)
+    if reduction == "mean" and mean_scale_in_forward(student.dtype):
+        scale = 1.0 / n
+    else:
+        scale = torch.ones((), device=dev, dtype=torch.float32)
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature
     alpha_w = alpha * w
     if R > 0 and V > 0:

@@ -122,3 +122,20 @@ def set_debug(enabled: bool) -> None:
 
 def debug() -> bool:
     return _DEBUG
+
+
+def reduction_denominator(target, R, ignore_index, num_items, device) -> torch.Tensor:
+    """The "mean" denominator as a 0-d fp32 device tensor (no host sync): num_items when given,
+    else the rows that count, at least 1 so an all-ignored batch gives 0 rather than NaN."""
+    if num_items is not None:
+        return num_items.to(device=device, dtype=torch.float32).reshape(())
+    if target is None:
+        return torch.full((), float(max(R, 1)), device=device, dtype=torch.float32)
+    return (target != ignore_index).sum().clamp_min(1).to(torch.float32)
+
+
+def mean_scale_in_forward(dtype: torch.dtype) -> bool:
+    """Whether a kernel folds the "mean" 1/n into a gradient it stores in the forward. Not for
+    fp16: (p_s - p_t)/n underflows fp16's range before a loss scaler's grad_output arrives, so
+    fp16 gradients are stored per row and backward applies grad_output / n."""
+    return dtype != torch.float16

@@ -70,7 +70,11 @@ def kd_loss(
 
     The gradient is computed in the forward pass and stored in the student's dtype (one (rows, V)
     tensor; no fp32 (rows, V) temporaries). backward scales it in place, so backward through the
-    same graph twice (``retain_graph=True``) raises; recompute the loss instead.
+    same graph twice (``retain_graph=True``) raises; recompute the loss instead. For fp32/bf16 the
+    "mean" 1/n is folded in the forward and ``loss.backward()`` costs nothing more; fp16 gradients
+    are stored per row and backward applies ``grad_output / n`` in one pass, so a loss scaler's
+    grad_output arrives before the 1/n could underflow fp16. On CPU a teacher whose dtype differs
+    from the student's is read through an fp32 copy.
     """
     _checks.tensor("student_logits", student_logits, float_dtype=True)
     _checks.tensor("teacher_logits", teacher_logits, float_dtype=True)
@@ -195,11 +199,17 @@ def _kd_loss_fwd_fake(
 
 
 def _kd_loss_setup_context(ctx, inputs, output):
+    student, _, target, num_items, _, _, _, _, ignore_index, _, reduction, _ = inputs
     _, soft, hard, grad = output
     ctx.mark_non_differentiable(soft, hard, grad)
     ctx.set_materialize_grads(False)  # else autograd builds a zero (rows, V) cotangent for `grad`
     ctx.save_for_backward(grad)
     ctx.consumed = False
+    ctx.denominator = None  # the "mean" 1/n still to apply in backward (fp16 only)
+    if reduction == "mean" and not _backend.mean_scale_in_forward(student.dtype):
+        ctx.denominator = _backend.reduction_denominator(
+            target, student.shape[0], ignore_index, num_items, student.device
+        )
 
 
 def _kd_loss_backward(ctx, dloss, dsoft, dhard, dgrad):
@@ -211,6 +221,8 @@ def _kd_loss_backward(ctx, dloss, dsoft, dhard, dgrad):
     if dloss is None:
         return (None,) * 12
     (grad,) = ctx.saved_tensors
+    if ctx.denominator is not None:
+        dloss = dloss / ctx.denominator
     if grad.numel() == 0:
         raise RuntimeError(
             "pykd.kd_loss: the forward ran without a gradient (student_logits did not require grad "

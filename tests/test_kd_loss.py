@@ -481,3 +481,36 @@ def test_gpu_debug_target_check():
             pykd.kd_loss(s, t, y)
     finally:
         pykd.set_debug(False)
+
+
+def test_fp16_mean_survives_loss_scaling(backend):
+    """fp16 + "mean" with a GradScaler-sized grad_output: the 1/n of the mean must not be applied
+    before grad_output arrives, or small gradient entries underflow fp16 and stay zero."""
+    rows = 4096
+    s, t, y = make((rows, 24), dtype=torch.float16, device=backend.device, scale=1.0)
+    t = s.float() + 0.01 * torch.randn(rows, 24)  # a close teacher: small p_s - p_t
+    t = t.to(torch.float16).to(backend.device)
+    go = torch.tensor(65536.0)
+    check(backend, s, t, y, go, divergence="kl", temperature=2.0, alpha=1.0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fp16_loss_scaler_grad_output(backend, reduction):
+    """GradScaler's initial 65536 exceeds fp16's range: backward must scale in fp32, round once."""
+    s, t, y = make((64, 30), dtype=torch.float16, device=backend.device, scale=1.0)
+    t = (s.float() + 0.01 * torch.randn(64, 30)).to(torch.float16).to(backend.device)
+    go = torch.full((64,), 65536.0) if reduction == "none" else torch.tensor(65536.0)
+    check(backend, s, t, y, go, divergence="kl", temperature=2.0, alpha=0.7, reduction=reduction)
+
+
+def test_scale_rows_op(backend):
+    """The shared backward op: in place, fp32 multiply, shared or per-row scale, any dtype."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = (torch.randn(5, 37) * 1e-3).to(dtype).to(backend.device)
+        for scale in (torch.tensor(65536.0), torch.rand(5) * 1e4, torch.tensor(1.0)):
+            y = x.clone()
+            with backend():
+                torch.ops.pykd.scale_rows_(y, scale.to(backend.device))
+            sc = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
+            expected = (x.float().cpu() * sc).to(dtype)  # fp32 product, rounded once
+            assert torch.equal(y.cpu(), expected), (dtype, scale)
