@@ -366,13 +366,16 @@ def test_property(
 # ------------------------------------------------------------------ tracing
 
 
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend, compiler):
+    if compiler == "inductor" and backend.interpreted:
+        pytest.skip("inductor codegen is backend-independent; the C++ run covers it")
     s, t, y = make((4, 6, 33), device=backend.device, ignore_frac=0.2)
 
     def f(s, t, y):
-        return pykd.kd_loss(s, t, y, temperature=2.0, divergence="jsd") * 1.5
+        return pykd.kd_loss(s.tanh() * 3, t, y, temperature=2.0, divergence="jsd") * 1.5
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     sa = s.clone().requires_grad_(True)
     sb = s.clone().requires_grad_(True)
     with backend():
@@ -380,8 +383,10 @@ def test_compile_fullgraph(backend):
         a.backward()
         b = f(sb, t, y)
         b.backward()
-    assert_close(a, b, rtol=1e-6, atol=0)
-    assert_close(sa.grad, sb.grad, rtol=1e-6, atol=0)
+    # aot_eager runs the same ops; inductor fuses tanh into its own code (fp32 rounding differs)
+    rtol = 1e-6 if compiler == "aot_eager" else 1e-5
+    assert_close(a, b, rtol=rtol, atol=0)
+    assert_close(sa.grad, sb.grad, rtol=rtol, atol=rtol)
 
 
 def test_opcheck(backend):
