@@ -10,7 +10,7 @@
 //             plus l_h = sum exp(s - max s) for the hard CE when T != 1.
 //   sweep 2   (jsd, tvd) the loss and the row statistic the gradient needs, from the two lse.
 //   sweep 3   the gradient alpha*w*d soft/ds + (1-alpha)*(softmax(s) - onehot(y)), times the
-//             reduction's scale (1/n for "mean"), written once in the student's dtype.
+//             reduction's scale (1/n for "mean" unless fp16), written once in the student's dtype.
 // A term whose probability is exactly 0 contributes 0 (0 log 0 = 0), so -inf teacher logits
 // (masked vocabulary) are exact. The max is taken first instead of online rescaling: a CPU row
 // stays in cache between sweeps, and the fixed max keeps every sum vectorizable.
@@ -19,7 +19,6 @@
 
 #include <cmath>
 #include <string>
-#include <vector>
 
 #include "kd_common.h"
 #include "vec_math.h"
@@ -30,10 +29,10 @@ namespace {
 struct RowParams {
   int64_t V;
   float inv_t;
-  float alpha_w;  // alpha * (T^2 or 1), times the reduction scale when writing the gradient
+  float alpha_w;  // alpha * (T^2 or 1)
   float one_minus_alpha;
   float beta;
-  float grad_scale;  // reduction scale: 1/n for "mean", 1 otherwise
+  float grad_scale;  // folded into the stored gradient: 1/n for "mean" (not fp16), else 1
   bool has_hard;
   bool compute_grad;
 };
