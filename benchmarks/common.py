@@ -139,9 +139,11 @@ class Recorder:
     x_name: str
     rows: list
     commit: str = ""  # taken once, when the run starts: the code being measured
+    device_label: str = ""
 
     def __post_init__(self):
         self.commit = self.commit or commit()
+        self.device_label = self.device_label or device_name(self.device)
 
     def add(self, provider, mode, metric, unit, x_value, stats):
         import pykd
@@ -159,7 +161,7 @@ class Recorder:
                 median=f"{med:.6g}",
                 p20=f"{p20:.6g}",
                 p80=f"{p80:.6g}",
-                device=device_name(self.device),
+                device=self.device_label,
                 dtype=self.dtype,
                 pykd_version=pykd.__version__,
                 commit=self.commit,

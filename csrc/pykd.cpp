@@ -35,7 +35,7 @@ void scale_rows_cpu(at::Tensor& x, const at::Tensor& scale) {
   const int64_t chunk = shared ? 65536 : C;
   const int64_t pieces = shared ? (C + chunk - 1) / chunk : R;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_rows_", [&] {
-    using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, scalar_t>;
+    using S = scalar_t;
     S* base = x.data_ptr<S>();
     at::parallel_for(0, pieces, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {

@@ -5,7 +5,6 @@
 // and add the lanes in a fixed order at the end, so results are deterministic without -ffast-math.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
