@@ -67,7 +67,11 @@ def _git(*args: str) -> str | None:
 
 
 def commit() -> str:
-    """The short commit of the code being measured, "-dirty" if tracked files differ from it."""
+    """The short commit of the code being measured, "-dirty" if tracked files differ from it.
+
+    PYKD_COMMIT overrides it, for copies of the tree without .git (a remote GPU run)."""
+    if os.environ.get("PYKD_COMMIT"):
+        return os.environ["PYKD_COMMIT"]
     head = _git("rev-parse", "--short", "HEAD")
     if head is None:
         return "unknown"
