@@ -11,14 +11,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "built in ${SECONDS}s"
 if [ -n "$1" ]; then
-  python3 -m pytest -q -p no:cacheprovider $1 2>&1 | tee "$OUT/tests.log" | tail -25
+  eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $1" 2>&1 | tee "$OUT/tests.log" | tail -25
   echo "tests done at ${SECONDS}s"
 fi
 IFS=';' read -ra BENCH <<<"$2"
 for b in "${BENCH[@]}"; do
   [ -z "$b" ] && continue
   echo "== $b"
-  eval "python3 $b --out-dir $OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -v '^  ' | tail -5
+  eval "timeout ${BENCH_TIMEOUT:-400} python3 $b --out-dir $OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -v '^  ' | tail -5
   echo "bench done at ${SECONDS}s"
 done
 # bring results up to two folders down

@@ -5,10 +5,21 @@ CUDA tensors run Triton kernels, CPU tensors run C++ kernels (``pykd._C``); ever
 """
 
 from ._backend import set_debug
+from .attention_kd import attention, attention_divergence, attention_kd, relation_kd
 from .kd_loss import kd_loss
 
 __version__ = "0.1.0"
 
 from . import nn, reference  # noqa: E402  (after the ops they wrap)
 
-__all__ = ["kd_loss", "nn", "reference", "set_debug", "__version__"]
+__all__ = [
+    "attention",
+    "attention_divergence",
+    "attention_kd",
+    "kd_loss",
+    "relation_kd",
+    "nn",
+    "reference",
+    "set_debug",
+    "__version__",
+]

@@ -83,3 +83,134 @@ def kd_loss(
             denom = 1
         out = tuple(x.sum() / denom for x in (loss, soft, hard))
     return (out[0], out[1].detach(), out[2].detach()) if return_components else out[0]
+
+
+# ------------------------------------------------------------------------------ attention
+
+
+def _visible(B, N_q, N_k, causal, key_padding_mask, device):
+    """(B, 1, N_q, N_k) bool: key j visible to query i."""
+    vis = torch.ones(B, 1, N_q, N_k, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, None, None, :].bool()
+    if causal:
+        vis = vis & torch.ones(N_q, N_k, dtype=torch.bool, device=device).tril()
+    return vis
+
+
+def _counted_rows(vis, key_padding_mask, N_q, N_k):
+    """(B, 1, N_q) bool: rows that count in a loss (real query, at least one visible key)."""
+    counted = vis.any(-1)
+    if key_padding_mask is not None and N_q == N_k:
+        counted = counted & key_padding_mask[:, None, :].bool()
+    return counted
+
+
+def _softmax_masked(x, vis):
+    p = torch.softmax(x.masked_fill(~vis, float("-inf")), dim=-1)
+    return torch.where(vis.any(-1, keepdim=True), p, 0.0)
+
+
+def _log_softmax_masked(x, vis):
+    lp = torch.log_softmax(x.masked_fill(~vis, float("-inf")), dim=-1)
+    return torch.where(vis, lp, 0.0)  # hidden entries are never used; keep them finite
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, return_lse=False):
+    """Reference of :func:`pykd.attention` (materializes the (N_q, N_k) maps)."""
+    B, H, N_q, D = q.shape
+    N_k = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(H // k.shape[1], 1)
+    v = v.repeat_interleave(H // v.shape[1], 1)
+    vis = _visible(B, N_q, N_k, causal, key_padding_mask, q.device)
+    s = scale * q @ k.transpose(-1, -2)
+    out = _softmax_masked(s, vis) @ v
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)
+    return out, torch.where(vis.any(-1), lse, float("inf"))
+
+
+def attention_kd(
+    q_s,
+    k_s,
+    v_s,
+    q_t,
+    k_t,
+    *,
+    divergence="kl",
+    causal=False,
+    key_padding_mask=None,
+    scale_s=None,
+    scale_t=None,
+    temperature=1.0,
+    teacher_heads=None,
+    reduction="mean",
+):
+    """Reference of :func:`pykd.attention_kd`: (out, loss); out is None when v_s is None."""
+    B, H, N_q, D_s = q_s.shape
+    N_k = k_s.shape[2]
+    scale_s = 1.0 / math.sqrt(D_s) if scale_s is None else scale_s
+    scale_t = 1.0 / math.sqrt(q_t.shape[3]) if scale_t is None else scale_t
+    tau = float(temperature)
+    q_t, k_t = q_t.detach(), k_t.detach()
+    ks = k_s.repeat_interleave(H // k_s.shape[1], 1)
+    kt = k_t.repeat_interleave(q_t.shape[1] // k_t.shape[1], 1)
+    th = list(range(H)) if teacher_heads is None else [int(x) for x in teacher_heads]
+    qt, kt = q_t[:, th], kt[:, th]
+    vis = _visible(B, N_q, N_k, causal, key_padding_mask, q_s.device)
+    s = scale_s * q_s @ ks.transpose(-1, -2)
+    t = scale_t * qt @ kt.transpose(-1, -2)
+    out = None
+    if v_s is not None:
+        out = _softmax_masked(s, vis) @ v_s.repeat_interleave(H // v_s.shape[1], 1)
+    if divergence == "mse_scores":
+        d = torch.where(vis, s - t, 0.0)
+        row = (d * d).sum(-1)
+    else:
+        lps, lpt = _log_softmax_masked(s / tau, vis), _log_softmax_masked(t / tau, vis)
+        ps, pt = _softmax_masked(s / tau, vis), _softmax_masked(t / tau, vis)
+        if divergence == "kl":
+            row = (pt * (lpt - lps)).sum(-1)
+        elif divergence == "reverse_kl":
+            row = (ps * (lps - lpt)).sum(-1)
+        elif divergence == "mse":
+            row = ((ps - pt) ** 2).sum(-1)
+        else:
+            raise ValueError(divergence)
+    counted = _counted_rows(vis, key_padding_mask, N_q, N_k).expand(B, H, N_q)
+    row = torch.where(counted, row, 0.0)
+    if reduction == "none":
+        loss = row
+    elif reduction == "sum":
+        loss = row.sum()
+    else:
+        if divergence == "mse_scores":
+            n = (vis & counted[..., None]).sum()
+        else:
+            n = counted.sum()
+        loss = row.sum() / n.clamp_min(1)
+    return out, loss
+
+
+def attention_divergence(q_s, k_s, q_t, k_t, **kwargs):
+    """Reference of :func:`pykd.attention_divergence`."""
+    return attention_kd(q_s, k_s, None, q_t, k_t, **kwargs)[1]
+
+
+def relation_kd(x_s, x_t, num_relation_heads, *, key_padding_mask=None, divergence="kl", temperature=1.0,
+                reduction="mean"):  # fmt: skip
+    """Reference of :func:`pykd.relation_kd` (MiniLMv2 self-relations of x_s and x_t)."""
+    R = num_relation_heads
+
+    def split(x):
+        B, N, X = x.shape
+        return x.reshape(B, N, R, X // R).transpose(1, 2)
+
+    xs, xt = split(x_s), split(x_t)
+    return attention_divergence(
+        xs, xs, xt, xt, key_padding_mask=key_padding_mask, divergence=divergence,
+        scale_s=1.0 / math.sqrt(xs.shape[-1]), scale_t=1.0 / math.sqrt(xt.shape[-1]),
+        temperature=temperature, reduction=reduction,
+    )  # fmt: skip

@@ -64,3 +64,23 @@ def grad_of(fn, x: torch.Tensor, grad_output: torch.Tensor | float = 1.0):
     go = torch.as_tensor(grad_output, dtype=main.dtype, device=main.device)
     main.backward(go.expand_as(main) if main.dim() else go)
     return out, leaf.grad
+
+
+def assert_close_to_baseline(actual, expected, baseline, *, dtype, scale=None, name="tensor"):
+    """For fp16/bf16 kernels whose products round their operands to the input dtype (flash
+    attention's P before P.V, dS before dS.K, Delta from the rounded output): the largest error
+    against the float64 ``expected`` is at most twice that of ``baseline``, the same math run
+    eagerly in that dtype (FlashAttention's criterion), plus TOL's atol x max(max|expected|, scale)
+    (scale as in assert_close)."""
+    act = actual.detach().to(torch.float64).cpu()
+    exp = expected.detach().to(torch.float64).cpu()
+    base = baseline.detach().to(torch.float64).cpu()
+    assert act.shape == exp.shape, f"{name}: shape {tuple(act.shape)} != expected {tuple(exp.shape)}"
+    assert not torch.isnan(act).any(), f"{name}: NaN"
+    err = (act - exp).abs().max().item() if act.numel() else 0.0
+    base_err = (base - exp).abs().max().item() if act.numel() else 0.0
+    scale = max(exp.abs().max().item() if act.numel() else 0.0, scale or 0.0)
+    bound = 2 * base_err + TOL[dtype][1] * scale
+    assert err <= bound, (
+        f"{name}: max error {err:.3g} > 2 x {dtype} eager's {base_err:.3g} + {TOL[dtype][1]} x {scale:.3g}"
+    )

@@ -402,8 +402,10 @@ def test_opcheck(backend):
     with backend():
         for args in cases:
             torch.library.opcheck(torch.ops.pykd.kd_loss_fwd.default, args)
-        torch.library.opcheck(torch.ops.pykd.scale_rows_.default, (s.clone(), torch.rand(5)))
-        torch.library.opcheck(torch.ops.pykd.scale_rows_.default, (s.clone(), torch.tensor(0.5)))
+        torch.library.opcheck(torch.ops.pykd.scale_rows_.default, (s.clone(), torch.rand(5, device=s.device)))
+        torch.library.opcheck(
+            torch.ops.pykd.scale_rows_.default, (s.clone(), torch.tensor(0.5, device=s.device))
+        )
 
 
 # ------------------------------------------------------------------ bad input

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention_kd import relation_kd
 from ..kd_loss import kd_loss
 
 
@@ -59,4 +60,39 @@ class KDLoss(torch.nn.Module):
         )
 
 
-__all__ = ["KDLoss"]
+class RelationKDLoss(torch.nn.Module):
+    """MiniLMv2 relation distillation, module form of :func:`pykd.relation_kd`.
+
+    ``forward(student, teacher, key_padding_mask=None)``: student and teacher are (B, N, X) tensors,
+    or equal-length sequences of them (e.g. a layer's (q, k, v)); the loss is the sum of
+    ``relation_kd`` over the pairs (Q-Q + K-K + V-V relations in MiniLMv2).
+    """
+
+    def __init__(self, num_relation_heads: int, *, divergence: str = "kl", temperature: float = 1.0,
+                 reduction: str = "mean"):  # fmt: skip
+        super().__init__()
+        self.num_relation_heads = num_relation_heads
+        self.divergence = divergence
+        self.temperature = temperature
+        self.reduction = reduction
+
+    def forward(self, student, teacher, key_padding_mask=None):
+        pairs = list(zip(student, teacher)) if isinstance(student, (list, tuple)) else [(student, teacher)]
+        if isinstance(student, (list, tuple)) and (
+            not isinstance(teacher, (list, tuple)) or len(student) != len(teacher) or not pairs
+        ):
+            raise ValueError("student and teacher must be tensors or non-empty sequences of equal length")
+        total = None
+        for x_s, x_t in pairs:
+            loss = relation_kd(
+                x_s, x_t, self.num_relation_heads, key_padding_mask=key_padding_mask,
+                divergence=self.divergence, temperature=self.temperature, reduction=self.reduction,
+            )  # fmt: skip
+            total = loss if total is None else total + loss
+        return total
+
+    def extra_repr(self) -> str:
+        return f"num_relation_heads={self.num_relation_heads}, divergence={self.divergence!r}"
+
+
+__all__ = ["KDLoss", "RelationKDLoss"]

@@ -1,0 +1,173 @@
+"""Benchmark of pykd.attention_kd: the student's attention output plus KL(p_t || p_s) of the attention
+maps, forward / backward / both, against what users run today.
+
+Providers: ``pykd`` (one fused kernel each way); ``eager`` (materialized maps: scores, softmax,
+P·V, log_softmax of both, kl_div, what MiniLM-style code does with output_attentions); ``sdpa``
+(scaled_dot_product_attention for the student alone, no loss: the practical floor); ``sdpa_chunked``
+(SDPA plus a separate KL pass over query chunks, each chunk checkpointed so its maps are freed).
+Backward is of ``sum(out * dO) + loss``. Times are medians (p20, p80) in ms; memory is the peak
+above what was allocated before the call (MB), for forward+backward. A provider that runs out of
+memory is reported and skipped for larger N.
+
+    python benchmarks/bench_attention_kd.py                 # CPU: B1 H4 D64 fp32, N 1024..4096
+    python benchmarks/bench_attention_kd.py --device cuda   # GPU: B1 H16 bf16, D 64 and 128, N 512..16k
+    pykd bench attention_kd --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import pykd
+from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, time_ms
+
+TAU = 1.0
+
+
+def fused(q, k, v, qt, kt):
+    return pykd.attention_kd(q, k, v, qt, kt, divergence="kl", temperature=TAU)
+
+
+def _kl_rows(q, k, qt, kt):
+    """Summed KL(p_t || p_s) of the rows of q against all keys, materializing their maps."""
+    s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    t = (qt @ kt.transpose(-1, -2)).float() / math.sqrt(qt.shape[-1])
+    return F.kl_div(F.log_softmax(s / TAU, -1), F.log_softmax(t / TAU, -1), log_target=True, reduction="sum")
+
+
+def eager(q, k, v, qt, kt):
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    out = torch.softmax(s.float(), -1).to(v.dtype) @ v
+    t = (qt @ kt.transpose(-1, -2)).float() / math.sqrt(qt.shape[-1])
+    loss = F.kl_div(F.log_softmax(s.float() / TAU, -1), F.log_softmax(t / TAU, -1), log_target=True,
+                    reduction="sum")  # fmt: skip
+    return out, loss / (q.shape[0] * q.shape[1] * q.shape[2])
+
+
+def sdpa(q, k, v, qt, kt):
+    return F.scaled_dot_product_attention(q, k, v), None
+
+
+def sdpa_chunked(q, k, v, qt, kt):
+    out = F.scaled_dot_product_attention(q, k, v)
+    B, H, N, _ = q.shape
+    rows = max(16, min(N, 2**27 // (B * H * N)))  # each chunk's fp32 map <= 512 MB
+    loss = 0.0
+    for i in range(0, N, rows):
+        loss = loss + checkpoint(
+            _kl_rows, q[:, :, i : i + rows], k, qt[:, :, i : i + rows], kt, use_reentrant=False
+        )
+    return out, loss / (B * H * N)
+
+
+PROVIDERS = {"pykd": fused, "eager": eager, "sdpa": sdpa, "sdpa_chunked": sdpa_chunked}
+
+
+def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int) -> None:
+    """fwd, bwd and full times and full peak memory of one provider at one size."""
+    q0, k0, v0, qt, kt = inputs
+    state = {}
+
+    def fresh():
+        state["x"] = [x.clone().requires_grad_(True) for x in (q0, k0, v0)]
+
+    def forward():
+        state["r"] = fn(*state["x"], qt, kt)
+
+    def backward():
+        out, loss = state["r"]
+        total = (out * go).sum() + (loss if loss is not None else 0.0)
+        total.backward()
+
+    def setup_bwd():
+        fresh()
+        forward()
+
+    def full():
+        forward()
+        backward()
+
+    fresh()
+    full()  # warm-up (compiles)
+    rec.add(name, "fwd", "time", "ms", n, time_ms(forward, device, reps=reps, setup=fresh))
+    rec.add(name, "bwd", "time", "ms", n, time_ms(backward, device, reps=reps, setup=setup_bwd))
+    rec.add(name, "full", "time", "ms", n, time_ms(full, device, reps=reps, setup=fresh))
+    state.clear()
+    gc.collect()
+    fresh()
+    rec.add(name, "full", "memory", "MB", n, peak_extra_mb(full, device))
+    state.clear()
+    gc.collect()
+
+
+def run(args, head_dim: int) -> Recorder:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    rec = Recorder("attention_kd", device, args.dtype, "N", [])
+    print(
+        f"attention_kd on {device_name(device)}: B={args.batch} H={args.heads} D={head_dim} {args.dtype}, kl"
+    )
+    out_of_memory = set()
+    for n in args.seq:
+        torch.manual_seed(0)
+        shape = (args.batch, args.heads, n, head_dim)
+        inputs = [torch.randn(shape, device=device).to(dtype) for _ in range(5)]
+        go = torch.randn(shape, device=device).to(dtype)
+        for name in args.providers:
+            if name in out_of_memory:
+                print(f"  {name:>12} skipped at N={n} (out of memory at a smaller N)")
+                continue
+            try:
+                measure(rec, name, PROVIDERS[name], inputs, go, n, device, args.reps)
+            except torch.OutOfMemoryError:
+                out_of_memory.add(name)
+                print(f"  {name:>12} out of memory at N={n}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rec
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--seq", type=int, nargs="+", default=None, help="sequence lengths N")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dims", type=int, nargs="+", default=None)
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--quick", action="store_true", help="one small size, pykd and eager only")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.heads = args.heads or (16 if gpu else 4)
+    args.head_dims = args.head_dims or ([64, 128] if gpu else [64])
+    args.seq = args.seq or ([512, 1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
+    args.reps = args.reps or (10 if gpu else 3)
+    if args.quick:
+        args.seq, args.reps, args.head_dims = [min(args.seq)], 3, args.head_dims[:1]
+        args.providers = [x for x in args.providers if x in ("pykd", "eager")]
+    recs = []
+    for d in args.head_dims:
+        rec = run(args, d)
+        out = f"{args.out_dir}/{device_name(torch.device(args.device))}"
+        stem = f"attention_kd_d{d}" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+        csv_path, png = rec.write(out, stem)
+        print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
+        recs.append(rec)
+    return recs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+// CPU kernels of pykd.attention_kd / pykd.attention (DESIGN.md section 5).
+//
+// The algorithm of the Triton kernels, blockwise: one task per (batch, head, query tile of kTile
+// rows) computes that tile's scores against all visible keys with one GEMM (student and teacher),
+// so its softmax needs no online rescaling and scratch is O(kTile * N) per thread, never O(N^2).
+// Forward per row: out = softmax(s) v, lse, and the divergence with the row statistics backward
+// needs (lse of s/tau and t/tau, and aux = reverse KL or C = sum p_s (p_s - p_t)).
+// Backward recomputes the tile's scores and adds g_i * d row_i / d s_ij to the flash-attention
+// dS = P (dP - Delta); dq is written per tile, dk and dv accumulate in per-task fp32 buffers that are
+// summed at the end (over tasks and over the GQA group), so no two threads write one row.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kd_common.h"
+
+namespace pykd {
+namespace {
+
+using at::Tensor;
+constexpr int64_t kTile = 64;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+enum class Div { kNone, kKL, kReverseKL, kMSE, kMSEScores };
+
+Div parse_attention_divergence(const std::string& d) {
+  if (d == "none") return Div::kNone;
+  if (d == "kl") return Div::kKL;
+  if (d == "reverse_kl") return Div::kReverseKL;
+  if (d == "mse") return Div::kMSE;
+  if (d == "mse_scores") return Div::kMSEScores;
+  TORCH_CHECK_VALUE(false, "pykd: divergence must be one of kl, reverse_kl, mse, mse_scores; got ", d);
+}
+
+Tensor f32(const std::optional<Tensor>& x) {
+  return x.has_value() ? x->to(at::kFloat).contiguous() : Tensor();
+}
+
+// Everything a tile needs, as fp32 contiguous tensors.
+struct Problem {
+  Tensor q, k, v, qt, kt, mask;  // v, qt, kt, mask may be undefined
+  std::vector<int64_t> th;       // teacher head of each student head
+  Div div;
+  bool causal;
+  double scale_s, scale_t, inv_tau;
+  int64_t B, H, Hkv, Nq, Nk, Ds, Gs, Gt;
+
+  Problem(const Tensor& q_, const Tensor& k_, const std::optional<Tensor>& v_,
+          const std::optional<Tensor>& qt_, const std::optional<Tensor>& kt_,
+          const std::optional<Tensor>& mask_, const std::optional<Tensor>& th_, const std::string& d,
+          bool causal_, double ss, double st, double tau)
+      : q(q_.to(at::kFloat).contiguous()),
+        k(k_.to(at::kFloat).contiguous()),
+        v(f32(v_)),
+        div(parse_attention_divergence(d)),
+        causal(causal_),
+        scale_s(ss),
+        scale_t(st),
+        inv_tau(1.0 / tau) {
+    TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, "pykd: q and k must be 4-D (B, H, N, D)");
+    B = q.size(0), H = q.size(1), Nq = q.size(2), Ds = q.size(3);
+    Hkv = k.size(1), Nk = k.size(2);
+    TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "pykd: K/V heads must divide the query heads");
+    Gs = H / Hkv;
+    Gt = 1;
+    if (div != Div::kNone) {
+      TORCH_CHECK_VALUE(qt_.has_value() && kt_.has_value(), "pykd: a divergence needs q_t and k_t");
+      qt = qt_->to(at::kFloat).contiguous();
+      kt = kt_->to(at::kFloat).contiguous();
+      TORCH_CHECK_VALUE(kt.size(1) > 0 && qt.size(1) % kt.size(1) == 0,
+                        "pykd: teacher K heads must divide the teacher query heads");
+      Gt = qt.size(1) / kt.size(1);
+      th.resize(H);
+      for (int64_t h = 0; h < H; ++h) th[h] = h;
+      if (th_.has_value()) {
+        auto t = th_->to(at::kLong).contiguous();
+        TORCH_CHECK_VALUE(t.numel() == H, "pykd: teacher_heads must have one entry per student head");
+        for (int64_t h = 0; h < H; ++h) th[h] = t.data_ptr<int64_t>()[h];
+      }
+      for (int64_t h = 0; h < H; ++h)
+        TORCH_CHECK_VALUE(th[h] >= 0 && th[h] < qt.size(1), "pykd: teacher_heads out of range");
+    }
+    if (mask_.has_value()) mask = mask_->to(at::kBool).contiguous();
+  }
+};
+
+struct Tile {
+  Tensor s, t, vis;  // (rows, hi) scores (natural units, -inf where hidden); vis undefined = all
+  int64_t hi;
+};
+
+Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
+  Tile T;
+  T.hi = P.causal ? std::min(P.Nk, m0 + rows) : P.Nk;
+  auto K = P.k[b][h / P.Gs].narrow(0, 0, T.hi);
+  T.s = at::mm(P.q[b][h].narrow(0, m0, rows), K.t()).mul_(P.scale_s);
+  if (P.mask.defined()) T.vis = P.mask[b].narrow(0, 0, T.hi).unsqueeze(0).expand({rows, T.hi});
+  if (P.causal) {
+    auto c = at::arange(T.hi, at::kLong).unsqueeze(0) <= at::arange(m0, m0 + rows, at::kLong).unsqueeze(1);
+    T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
+  }
+  if (T.vis.defined()) T.s.masked_fill_(T.vis.logical_not(), -kInf);
+  if (P.div != Div::kNone) {
+    const int64_t th = P.th[h];
+    auto Kt = P.kt[b][th / P.Gt].narrow(0, 0, T.hi);
+    T.t = at::mm(P.qt[b][th].narrow(0, m0, rows), Kt.t()).mul_(P.scale_t);
+    if (T.vis.defined()) T.t.masked_fill_(T.vis.logical_not(), -kInf);
+  }
+  return T;
+}
+
+Tensor where_vis(const Tile& T, const Tensor& x) {
+  return T.vis.defined() ? at::where(T.vis, x, at::zeros({}, x.options())) : x;
+}
+
+// (row max with -inf replaced by 0, whether the row sees any key)
+std::pair<Tensor, Tensor> safe_max(const Tensor& s) {
+  auto m = std::get<0>(s.max(1, true));
+  auto has = m > -kInf;
+  return {at::where(has, m, at::zeros({}, m.options())), has};
+}
+
+// d row / d s for one tile (natural units), hidden entries 0.
+Tensor div_term(const Problem& P, const Tile& T, const Tensor& ls, const Tensor& lt, const Tensor& aux) {
+  const double it = P.inv_tau;
+  Tensor term;
+  if (P.div == Div::kMSEScores) {
+    term = (T.s - T.t) * 2.0;
+  } else {
+    auto zs = T.s * it - ls;  // log p_s
+    auto ps = zs.exp();
+    if (P.div == Div::kKL) {
+      term = (ps - (T.t * it - lt).exp()) * it;
+    } else if (P.div == Div::kReverseKL) {
+      term = ps * (zs - (T.t * it - lt) - aux) * it;
+    } else {
+      term = ps * ((ps - (T.t * it - lt).exp()) - aux) * (2.0 * it);
+    }
+  }
+  return where_vis(T, term);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
+    const Tensor& q, const Tensor& k, const std::optional<Tensor>& v, const std::optional<Tensor>& q_t,
+    const std::optional<Tensor>& k_t, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& teacher_heads, const std::string& divergence, bool causal,
+    double scale_s, double scale_t, double temperature) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
+  const Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s,
+                  scale_t, temperature);
+  const auto f = q.options().dtype(at::kFloat);
+  const bool has_div = P.div != Div::kNone;
+  auto out_f = P.v.defined() ? new_output({P.B, P.H, P.Nq, P.Ds}, f) : Tensor();
+  auto lse = new_output({P.B, P.H, P.Nq}, f);
+  auto row = new_output(has_div ? at::IntArrayRef{P.B, P.H, P.Nq} : at::IntArrayRef{0}, f);
+  auto stats = new_output(has_div ? at::IntArrayRef{P.B, P.H, P.Nq, 3} : at::IntArrayRef{0}, f);
+  const int64_t tiles = (P.Nq + kTile - 1) / kTile;
+  const double it = P.inv_tau;
+  at::parallel_for(0, P.B * P.H * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView worker_guard;  // dispatch TLS is per thread
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / (P.H * tiles), h = (u / tiles) % P.H, m0 = (u % tiles) * kTile;
+      const int64_t rows = std::min(kTile, P.Nq - m0);
+      const Tile T = scores(P, b, h, m0, rows);
+      auto [m, has] = safe_max(T.s);
+      auto e = (T.s - m).exp_();
+      auto l = e.sum(1, true);
+      auto l_safe = at::where(has, l, at::ones({}, f));
+      lse[b][h].narrow(0, m0, rows).copy_(at::where(has, m + l_safe.log(), kInf).squeeze(1));
+      if (P.v.defined()) {
+        auto V = P.v[b][h / P.Gs].narrow(0, 0, T.hi);
+        out_f[b][h].narrow(0, m0, rows).copy_(at::mm(e, V).div_(l_safe));
+      }
+      if (!has_div) continue;
+      Tensor r, ls = at::full({rows, 1}, kInf, f), lt = ls, aux = at::zeros({rows, 1}, f);
+      if (P.div == Div::kMSEScores) {
+        auto d = where_vis(T, T.s - T.t);
+        r = (d * d).sum(1, true);
+      } else {
+        auto mt = safe_max(T.t).first;  // the teacher sees the same keys
+        auto l_s = ((T.s - m) * it).exp_().sum(1, true);
+        auto l_t = ((T.t - mt) * it).exp_().sum(1, true);
+        l_s = at::where(has, l_s, at::ones({}, f));
+        l_t = at::where(has, l_t, at::ones({}, f));
+        auto gap = (m - mt) * it + l_s.log() - l_t.log();  // lse_s - lse_t, max difference first
+        ls = at::where(has, m * it + l_s.log(), kInf);
+        lt = at::where(has, mt * it + l_t.log(), kInf);
+        auto ps = (T.s * it - ls).exp_();
+        auto pt = (T.t * it - lt).exp_();
+        if (P.div == Div::kKL) {
+          r = where_vis(T, pt * (T.t - T.s)).sum(1, true) * it + gap;
+        } else if (P.div == Div::kReverseKL) {
+          r = where_vis(T, ps * (T.s - T.t)).sum(1, true) * it - gap;
+          aux = r;
+        } else {
+          auto dp = ps - pt;
+          r = (dp * dp).sum(1, true);
+          aux = (ps * dp).sum(1, true);
+        }
+      }
+      row[b][h].narrow(0, m0, rows).copy_(at::where(has, r, 0.0f).squeeze(1));
+      auto st = stats[b][h].narrow(0, m0, rows);
+      st.select(1, 0).copy_(ls.squeeze(1));
+      st.select(1, 1).copy_(lt.squeeze(1));
+      st.select(1, 2).copy_(at::where(has, aux, 0.0f).squeeze(1));
+    }
+  });
+  Tensor out = P.v.defined() ? (q.scalar_type() == at::kFloat ? out_f : out_f.to(q.scalar_type()))
+                             : at::empty({0}, q.options());
+  return {out, row, lse, stats};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
+    const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_row, const Tensor& q,
+    const Tensor& k, const std::optional<Tensor>& v, const std::optional<Tensor>& q_t,
+    const std::optional<Tensor>& k_t, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& teacher_heads, const Tensor& out, const Tensor& lse,
+    const Tensor& stats, const std::string& divergence, bool causal, double scale_s, double scale_t,
+    double temperature) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads,
+                  grad_row.has_value() ? divergence : std::string("none"), causal, scale_s, scale_t,
+                  temperature);
+  const auto f = q.options().dtype(at::kFloat);
+  const bool has_do = grad_out.has_value() && P.v.defined();
+  const bool has_div = P.div != Div::kNone;
+  Tensor dO, delta, g;
+  if (has_do) {
+    dO = grad_out->to(at::kFloat).contiguous();
+    delta = (dO * out.to(at::kFloat)).sum(-1, true).contiguous();  // (B, H, Nq, 1)
+  }
+  if (has_div) g = grad_row->to(at::kFloat).contiguous().unsqueeze(-1);
+  const int64_t tiles = (P.Nq + kTile - 1) / kTile;
+  // Split each (b, h) into chunks of query tiles so that all threads have work; each task owns
+  // fp32 dk/dv buffers, summed below.
+  const int64_t bh = P.B * P.H;
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(tiles, (at::get_num_threads() + bh - 1) / std::max<int64_t>(bh, 1)));
+  auto dq = new_output({P.B, P.H, P.Nq, P.Ds}, f);
+  auto dk_part = at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f);
+  auto dv_part = has_do ? at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f) : Tensor();
+  if (!has_do && !has_div) dq.zero_();
+  at::parallel_for(0, bh * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView worker_guard;
+    for (int64_t u = begin; u < end; ++u) {
+      if (!has_do && !has_div) break;
+      const int64_t b = u / (P.H * chunks), h = (u / chunks) % P.H, c = u % chunks;
+      const int64_t t0 = c * tiles / chunks, t1 = (c + 1) * tiles / chunks;
+      auto dk_acc = dk_part[b][h][c];
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int64_t m0 = ti * kTile, rows = std::min(kTile, P.Nq - m0);
+        const Tile T = scores(P, b, h, m0, rows);
+        auto Q = P.q[b][h].narrow(0, m0, rows);
+        auto K = P.k[b][h / P.Gs].narrow(0, 0, T.hi);
+        Tensor ds = at::zeros({rows, T.hi}, f);
+        if (has_do) {
+          auto V = P.v[b][h / P.Gs].narrow(0, 0, T.hi);
+          auto dOt = dO[b][h].narrow(0, m0, rows);
+          auto p = (T.s - lse[b][h].narrow(0, m0, rows).unsqueeze(1)).exp_();
+          dv_part[b][h][c].narrow(0, 0, T.hi).addmm_(p.t(), dOt);
+          ds = p * (at::mm(dOt, V.t()) - delta[b][h].narrow(0, m0, rows));
+        }
+        if (has_div) {
+          auto st = stats[b][h].narrow(0, m0, rows);
+          auto term = div_term(P, T, st.select(1, 0).unsqueeze(1), st.select(1, 1).unsqueeze(1),
+                               st.select(1, 2).unsqueeze(1));
+          ds.add_(term * g[b][h].narrow(0, m0, rows));
+        }
+        dq[b][h].narrow(0, m0, rows).copy_(at::mm(ds, K).mul_(P.scale_s));
+        dk_acc.narrow(0, 0, T.hi).addmm_(ds.t(), Q, 1.0, P.scale_s);
+      }
+    }
+  });
+  auto group_sum = [&](const Tensor& part) {  // (B, H, C, Nk, D) -> (B, Hkv, Nk, D)
+    return part.sum(2).view({P.B, P.Hkv, P.Gs, P.Nk, P.Ds}).sum(2);
+  };
+  auto dk = group_sum(dk_part).to(k.scalar_type());
+  Tensor dv = at::empty({0}, q.options());
+  if (P.v.defined()) dv = (has_do ? group_sum(dv_part) : at::zeros_like(P.v)).to(v->scalar_type());
+  return {dq.to(q.scalar_type()), dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pykd, m) {
+  m.def(
+      "attention_kd_fwd(Tensor q, Tensor k, Tensor? v, Tensor? q_t, Tensor? k_t, "
+      "Tensor? key_padding_mask, Tensor? teacher_heads, str divergence, bool causal, float scale_s, "
+      "float scale_t, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_kd_bwd(Tensor? grad_out, Tensor? grad_row, Tensor q, Tensor k, Tensor? v, "
+      "Tensor? q_t, Tensor? k_t, Tensor? key_padding_mask, Tensor? teacher_heads, Tensor out, "
+      "Tensor lse, Tensor stats, str divergence, bool causal, float scale_s, float scale_t, "
+      "float temperature) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pykd, CPU, m) {
+  m.impl("attention_kd_fwd", &attention_kd_fwd_cpu);
+  m.impl("attention_kd_bwd", &attention_kd_bwd_cpu);
+}
+
+}  // namespace pykd

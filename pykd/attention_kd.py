@@ -1,0 +1,406 @@
+"""``pykd.attention_kd`` and friends: the student's flash attention and the attention-map divergence
+to a teacher in one pass, with O(N) memory (DESIGN.md section 5).
+
+The op ``pykd::attention_kd_fwd`` returns the student's attention output, the per-row divergence and
+the O(B·H·N) row statistics; ``pykd::attention_kd_bwd`` recomputes the score tiles from them and
+returns dq, dk, dv. CPU tensors run ``csrc/attention_kd.cpp``, CUDA tensors ``kernels/attention_kd.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+from . import _backend, _checks
+from ._backend import has_cpp
+
+_DIVERGENCES = ("kl", "reverse_kl", "mse", "mse_scores")
+_MAX_HEAD_DIM = 256
+
+
+def _check_4d(name: str, x) -> None:
+    _checks.tensor(name, x, float_dtype=True)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
+    if not 1 <= x.shape[3] <= _MAX_HEAD_DIM:
+        raise ValueError(f"{name} head dim must be in [1, {_MAX_HEAD_DIM}], got {x.shape[3]}")
+
+
+def _check_qkv(prefix: str, q, k, v=None) -> None:
+    """Shapes of one model's q (B, H, N_q, D), k and v (B, H_kv, N_k, D)."""
+    names = {"q": f"q{prefix}", "k": f"k{prefix}", "v": f"v{prefix}"}
+    _check_4d(names["q"], q)
+    _check_4d(names["k"], k)
+    if q.dtype != k.dtype:
+        raise TypeError(f"{names['k']} must have the dtype of {names['q']} ({q.dtype}), got {k.dtype}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"{names['k']} must have shape (B={q.shape[0]}, H_kv, N_k, D={q.shape[3]}) to match "
+            f"{names['q']} {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"{names['k']} heads ({k.shape[1]}) must divide {names['q']} heads ({q.shape[1]}) (GQA)"
+        )
+    if v is not None:
+        _check_4d(names["v"], v)
+        if v.dtype != q.dtype:
+            raise TypeError(f"{names['v']} must have the dtype of {names['q']} ({q.dtype}), got {v.dtype}")
+        if v.shape != k.shape:
+            raise ValueError(
+                f"{names['v']} must have the shape of {names['k']} {tuple(k.shape)}, got {tuple(v.shape)}"
+            )
+
+
+def _check_mask(key_padding_mask, B: int, N_k: int, device) -> None:
+    if key_padding_mask is None:
+        return
+    _checks.tensor("key_padding_mask", key_padding_mask)
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be torch.bool (True = real token), got {key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != (B, N_k):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, N_k) = ({B}, {N_k}), got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask must be on {device}, got {key_padding_mask.device}")
+
+
+def _scale(name: str, scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    return _checks.real(name, scale)
+
+
+def _teacher_heads(teacher_heads, H_s: int, H_t: int, device) -> torch.Tensor | None:
+    if teacher_heads is None:
+        if H_s != H_t:
+            raise ValueError(
+                f"student has {H_s} heads and teacher {H_t}: pass teacher_heads (the teacher head "
+                "matched to each student head)"
+            )
+        return None
+    if isinstance(teacher_heads, torch.Tensor):
+        if teacher_heads.dtype.is_floating_point or teacher_heads.dtype == torch.bool:
+            raise TypeError(f"teacher_heads must hold integers, got {teacher_heads.dtype}")
+        if teacher_heads.dim() != 1 or teacher_heads.numel() != H_s:
+            raise ValueError(
+                f"teacher_heads must have length H_s={H_s}, got shape {tuple(teacher_heads.shape)}"
+            )
+        if not torch.compiler.is_compiling():
+            lo, hi = int(teacher_heads.min()), int(teacher_heads.max())
+            if lo < 0 or hi >= H_t:
+                raise ValueError(f"teacher_heads values must be in [0, {H_t}), got {lo if lo < 0 else hi}")
+        return teacher_heads.to(device=device, dtype=torch.int64)
+    if not isinstance(teacher_heads, Sequence) or isinstance(teacher_heads, str):
+        raise TypeError(
+            f"teacher_heads must be a sequence of ints or a tensor, got {type(teacher_heads).__name__}"
+        )
+    if len(teacher_heads) != H_s:
+        raise ValueError(f"teacher_heads must have length H_s={H_s}, got {len(teacher_heads)}")
+    for x in teacher_heads:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"teacher_heads must hold ints, got {type(x).__name__}")
+        if not 0 <= x < H_t:
+            raise ValueError(f"teacher_heads values must be in [0, {H_t}), got {x}")
+    return torch.tensor([int(x) for x in teacher_heads], dtype=torch.int64, device=device)
+
+
+def _counted_and_denominator(key_padding_mask, B, H, N_q, N_k, causal, divergence, device):
+    """(B, 1, N_q) bool rows that count (None = all) and the "mean" denominator (0-d fp32, >= 1)."""
+    if key_padding_mask is None:
+        counted = None
+        if divergence == "mse_scores":
+            pairs = N_q * (N_q + 1) // 2 if causal else N_q * N_k
+            n = torch.tensor(float(max(B * H * pairs, 1)), device=device)
+        else:
+            n = torch.tensor(float(max(B * H * N_q, 1)), device=device)
+        return counted, n
+    m = key_padding_mask
+    counted = m[:, None, :] if N_q == N_k else m.any(1, keepdim=True)[:, :, None].expand(B, 1, N_q)
+    if divergence == "mse_scores":
+        seen = m.long().cumsum(1) if causal else m.long().sum(1, keepdim=True).expand(B, N_q)
+        n = (seen * counted[:, 0]).sum() * H
+    else:
+        n = counted.sum() * H
+    return counted, n.clamp_min(1).to(torch.float32)
+
+
+def _reduce(row, counted, n, reduction):
+    if counted is not None:
+        row = torch.where(counted, row, 0.0)
+    if reduction == "none":
+        return row
+    total = row.sum()
+    return total / n if reduction == "mean" else total
+
+
+def _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
+             temperature, teacher_heads, reduction):  # fmt: skip
+    _check_qkv("_s", q_s, k_s, v_s)
+    _check_qkv("_t", q_t, k_t)
+    B, H_s, N_q, D_s = q_s.shape
+    N_k = k_s.shape[2]
+    if q_t.shape[0] != B or q_t.shape[2] != N_q or k_t.shape[2] != N_k:
+        raise ValueError(
+            f"teacher q_t {tuple(q_t.shape)} / k_t {tuple(k_t.shape)} must match the student's batch "
+            f"B={B} and sequence lengths N_q={N_q}, N_k={N_k}"
+        )
+    _checks.same_device(["q_s", "k_s", "q_t", "k_t"], [q_s, k_s, q_t, k_t])
+    if v_s is not None:
+        _checks.same_device(["q_s", "v_s"], [q_s, v_s])
+    _checks.choice("divergence", divergence, _DIVERGENCES)
+    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+    _checks.boolean("causal", causal)
+    if causal and N_q != N_k:
+        raise ValueError(f"causal=True needs N_q == N_k, got {N_q} and {N_k}")
+    _check_mask(key_padding_mask, B, N_k, q_s.device)
+    temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+    scale_s = _scale("scale_s", scale_s, D_s)
+    scale_t = _scale("scale_t", scale_t, q_t.shape[3])
+    th = _teacher_heads(teacher_heads, H_s, q_t.shape[1], q_s.device)
+    _backend.require_cpp()
+    return temperature, scale_s, scale_t, th
+
+
+def attention_kd(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    v_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    *,
+    divergence: str = "kl",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    temperature: float = 1.0,
+    teacher_heads: Sequence[int] | torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The student's attention output and its attention-map divergence to a teacher, fused.
+
+    Per (b, h, i): ``s_ij = scale_s <q_s,i, k_s,j>``, ``t_ij = scale_t <q_t,i, k_t,j>`` over the keys j
+    visible to query i; ``out_i = sum_j softmax(s_i)_j v_j`` (temperature never touches out);
+    ``p_s = softmax(s_i / tau)``, ``p_t = softmax(t_i / tau)``. Row losses:
+    ``"kl"`` KL(p_t || p_s) (MiniLM); ``"reverse_kl"`` KL(p_s || p_t); ``"mse"`` sum_j (p_s - p_t)^2;
+    ``"mse_scores"`` sum_j (s_ij - t_ij)^2 on the scores before softmax (TinyBERT).
+
+    One forward kernel sweeps the key tiles once per query tile; backward recomputes the tiles. No
+    (N_q, N_k) map is ever stored: extra memory is O(B·H·N).
+
+    Args:
+        q_s: (B, H_s, N_q, D_s) student queries, float32/float16/bfloat16; D_s in [1, 256].
+        k_s, v_s: (B, H_kv, N_k, D_s), H_kv dividing H_s (GQA); dtype of q_s.
+        q_t: (B, H_t, N_q, D_t) teacher queries; D_t may differ from D_s, dtype from the student's.
+        k_t: (B, H_tkv, N_k, D_t), H_tkv dividing H_t. Teacher tensors are constants: they never
+            receive a gradient, even with requires_grad=True.
+        divergence: "kl", "reverse_kl", "mse" or "mse_scores".
+        causal: key j visible to query i iff j <= i (needs N_q == N_k).
+        key_padding_mask: optional (B, N_k) bool, True = real token. With N_q == N_k it also marks
+            the query rows that count in the loss; padded queries still get an output.
+        scale_s, scale_t: score scales; default 1/sqrt(D).
+        temperature: tau > 0 for the distributions of the divergence.
+        teacher_heads: length-H_s ints (or int tensor): the teacher head matched to each student
+            head. Without it H_s must equal H_t.
+        reduction: "mean" over the (b, h, i) rows that count ("mse_scores": over the visible (i, j)
+            pairs of those rows), "sum", or "none" ((B, H_s, N_q), rows that don't count 0).
+
+    A row counts if its query is real and it sees at least one key; others give 0 loss and 0
+    gradient, and rows that see no key give out = 0, never NaN.
+
+    Returns:
+        (out, loss): out (B, H_s, N_q, D_s) in q_s's dtype; loss fp32.
+    """
+    _checks.tensor("v_s", v_s, float_dtype=True)
+    return _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
+                         temperature, teacher_heads, reduction)  # fmt: skip
+
+
+def attention_divergence(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    *,
+    divergence: str = "kl",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    temperature: float = 1.0,
+    teacher_heads: Sequence[int] | torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The attention-map divergence of :func:`attention_kd` alone (no V, no output): the same kernels
+    without the P·V product. Shapes and options as in :func:`attention_kd`; returns the fp32 loss."""
+    return _attention_kd(q_s, k_s, None, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
+                         temperature, teacher_heads, reduction)[1]  # fmt: skip
+
+
+def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
+                  temperature, teacher_heads, reduction):  # fmt: skip
+    temperature, scale_s, scale_t, th = _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal,
+                                                 key_padding_mask, scale_s, scale_t, temperature,
+                                                 teacher_heads, reduction)  # fmt: skip
+    out, row, _, _ = torch.ops.pykd.attention_kd_fwd(
+        q_s, k_s, v_s, q_t.detach(), k_t.detach(), key_padding_mask, th, divergence, causal, scale_s,
+        scale_t, temperature,
+    )  # fmt: skip
+    B, H, N_q, _ = q_s.shape
+    counted, n = _counted_and_denominator(key_padding_mask, B, H, N_q, k_s.shape[2], causal, divergence,
+                                          q_s.device)  # fmt: skip
+    return (out if v_s is not None else None), _reduce(row, counted, n, reduction)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Flash attention: ``softmax(scale q k^T) v`` over visible keys, O(N) memory.
+
+    Args:
+        q: (B, H, N_q, D) float32/float16/bfloat16, D in [1, 256].
+        k, v: (B, H_kv, N_k, D), H_kv dividing H (GQA); dtype of q.
+        causal: key j visible to query i iff j <= i (needs N_q == N_k).
+        key_padding_mask: optional (B, N_k) bool, True = real token.
+        scale: default 1/sqrt(D).
+        return_lse: also return the fp32 (B, H, N_q) log-sum-exp of the visible scores (+inf for a
+            row that sees no key; such a row's output is 0). The lse carries no gradient.
+
+    Returns:
+        out (B, H, N_q, D) in q's dtype, or (out, lse).
+    """
+    _check_qkv("", q, k, v)
+    _checks.tensor("v", v, float_dtype=True)
+    _checks.same_device(["q", "k", "v"], [q, k, v])
+    _checks.boolean("causal", causal)
+    _checks.boolean("return_lse", return_lse)
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal=True needs N_q == N_k, got {q.shape[2]} and {k.shape[2]}")
+    _check_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
+    scale = _scale("scale", scale, q.shape[3])
+    _backend.require_cpp()
+    out, _, lse, _ = torch.ops.pykd.attention_kd_fwd(
+        q, k, v, None, None, key_padding_mask, None, "none", causal, scale, 1.0, 1.0
+    )
+    return (out, lse) if return_lse else out
+
+
+def relation_kd(
+    x_s: torch.Tensor,
+    x_t: torch.Tensor,
+    num_relation_heads: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """MiniLMv2 self-relation distillation: split the last dim of x_s (B, N, X_s) and x_t (B, N, X_t)
+    into R relation heads (B, R, N, X/R) and return
+    ``attention_divergence(x_s_r, x_s_r, x_t_r, x_t_r)`` with scales 1/sqrt(X/R). Use it on a
+    layer's queries, keys and values (Q-Q, K-K, V-V relations); x_t is a constant.
+
+    Args:
+        x_s: (B, N, X_s) student; X_s divisible by num_relation_heads.
+        x_t: (B, N, X_t) teacher; X_t divisible by num_relation_heads.
+        num_relation_heads: R >= 1.
+        key_padding_mask, divergence, temperature, reduction: as in :func:`attention_kd`.
+    """
+    R = _checks.integer("num_relation_heads", num_relation_heads)
+    if R < 1:
+        raise ValueError(f"num_relation_heads must be >= 1, got {R}")
+    for name, x in (("x_s", x_s), ("x_t", x_t)):
+        _checks.tensor(name, x, float_dtype=True)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (B, N, X), got shape {tuple(x.shape)}")
+        if x.shape[2] % R:
+            raise ValueError(f"num_relation_heads={R} must divide {name}'s width {x.shape[2]}")
+    if x_t.shape[:2] != x_s.shape[:2]:
+        raise ValueError(
+            f"x_t must have the (B, N) of x_s {tuple(x_s.shape[:2])}, got {tuple(x_t.shape[:2])}"
+        )
+
+    def split(x):
+        B, N, X = x.shape
+        return x.reshape(B, N, R, X // R).transpose(1, 2)
+
+    xs, xt = split(x_s), split(x_t)
+    return attention_divergence(
+        xs, xs, xt, xt, key_padding_mask=key_padding_mask, divergence=divergence,
+        scale_s=1.0 / math.sqrt(xs.shape[-1]), scale_t=1.0 / math.sqrt(xt.shape[-1]),
+        temperature=temperature, reduction=reduction,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- op registration
+
+
+def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature):
+    B, H, N_q, D = q.shape
+    f32 = dict(dtype=torch.float32)
+    div = divergence != "none"
+    return (
+        q.new_empty((B, H, N_q, D)) if v is not None else q.new_empty(0),
+        q.new_empty((B, H, N_q) if div else (0,), **f32),
+        q.new_empty((B, H, N_q), **f32),
+        q.new_empty((B, H, N_q, 3) if div else (0,), **f32),
+    )
+
+
+def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal,
+              scale_s, scale_t, temperature):  # fmt: skip
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        (torch.empty_like(v) if v is not None else q.new_empty(0)),
+    )
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature = inputs
+    out, row, lse, stats = output
+    ctx.mark_non_differentiable(lse, stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, q_t, k_t, mask, th, out, lse, stats)
+    ctx.opts = (divergence, causal, scale_s, scale_t, temperature)
+
+
+def _fwd_backward(ctx, d_out, d_row, d_lse, d_stats):
+    q, k, v, q_t, k_t, mask, th, out, lse, stats = ctx.saved_tensors
+    divergence, causal, scale_s, scale_t, temperature = ctx.opts
+    if v is None:
+        d_out = None
+    if divergence == "none":
+        d_row = None
+    if d_out is None and d_row is None:
+        return (None,) * 12
+    dq, dk, dv = torch.ops.pykd.attention_kd_bwd(
+        d_out, d_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal, scale_s,
+        scale_t, temperature,
+    )  # fmt: skip
+    return dq, dk, (dv if v is not None else None), None, None, None, None, None, None, None, None, None
+
+
+if has_cpp():
+    torch.library.register_fake("pykd::attention_kd_fwd")(_fwd_fake)
+    torch.library.register_fake("pykd::attention_kd_bwd")(_bwd_fake)
+    torch.library.register_autograd("pykd::attention_kd_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+    if _backend.HAS_TRITON:
+        from .kernels import attention_kd as _kattn
+
+        _backend.triton_impl("attention_kd_fwd")(_kattn.attention_kd_fwd)
+        _backend.triton_impl("attention_kd_bwd")(_kattn.attention_kd_bwd)
