@@ -66,11 +66,27 @@ def cancel_scale(q, k, v, go, scale_s=None):
     return scale_s * dp * k.abs().max().item()
 
 
+def loss_scale(q, k, qt, kt, kw):
+    """Size of the terms that cancel in a row loss: a KL is a difference of lse's and mean scores
+    (each as large as the scores; exactly 0 for a row with one key), an mse one of probabilities."""
+    div = kw.get("divergence", "kl")
+    if div == "mse_scores":
+        return None
+    if div == "mse":
+        return 1.0
+
+    def smax(a, b, scale):
+        scale = a.shape[-1] ** -0.5 if scale is None else scale
+        return scale * torch.einsum("bhnd,bgmd->bhgnm", a.double(), b.double()).abs().max().item()
+
+    return smax(q, k, kw.get("scale_s")) + smax(qt, kt, kw.get("scale_t"))
+
+
 def check(backend, q, k, v, qt, kt, mask, *, dtype=F32, scales=None, **kw):
     go = torch.randn(q.shape).to(q.dtype).to(q.device)
     if scales is None:
         u = cancel_scale(q, k, v, go, kw.get("scale_s"))
-        scales = {"dq": u, "dk": u}
+        scales = {"dq": u, "dk": u, "loss": loss_scale(q, k, qt, kt, kw)}
     a = run(backend, pykd.attention_kd, q, k, v, qt, kt, go=go, key_padding_mask=mask, **kw)
     e = ref(reference.attention_kd, q, k, v, qt, kt, go=go, key_padding_mask=mask, **kw)
     base = None
