@@ -19,8 +19,22 @@ from pykd.benchmarks.common import commit, device_name
 from pykd.kernels import attention_kd as K
 
 CANDIDATES = {
-    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2)],
-    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2), (64, 64, 8, 1)],
+    "fwd": [
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (64, 32, 4, 2),
+        (128, 128, 8, 2),
+    ],
+    "dkdv": [
+        (64, 64, 4, 2),
+        (32, 64, 4, 2),
+        (64, 32, 4, 2),
+        (32, 128, 4, 2),
+        (64, 128, 8, 2),
+        (64, 64, 8, 1),
+    ],
     "dq": [(64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
 }
 
@@ -40,7 +54,7 @@ def main(argv=None):
             x = [torch.randn(1, args.heads, n, d, device=dev, dtype=torch.bfloat16) for _ in range(6)]
             q, k, v = (t.requires_grad_() for t in x[:3])
 
-            def step():
+            def step(q=q, k=k, v=v, x=x):
                 out, loss = pykd.attention_kd(q, k, v, x[3], x[4])
                 torch.autograd.backward([out, loss], [x[5], None])
 
@@ -54,8 +68,12 @@ def main(argv=None):
                     except Exception as e:  # noqa: BLE001 - out of shared memory / registers
                         ms = float("nan")
                         print(f"  {kernel} {cfg}: {type(e).__name__}")
-                    rows.append(dict(kernel=kernel, D=d, N=n, config=cfg, ms=round(ms, 4), default=cfg == default))
-                    print(f"D={d} N={n} {kernel:>5} {cfg}: {ms:.3f} ms{' (default)' if cfg == default else ''}")
+                    rows.append(
+                        dict(kernel=kernel, D=d, N=n, config=cfg, ms=round(ms, 4), default=cfg == default)
+                    )
+                    print(
+                        f"D={d} N={n} {kernel:>5} {cfg}: {ms:.3f} ms{' (default)' if cfg == default else ''}"
+                    )
                 K.CONFIGS[kernel][key] = default
     out = os.path.join(args.out_dir, device_name(dev))
     os.makedirs(out, exist_ok=True)

@@ -26,7 +26,6 @@ in DESIGN.md section 5) to the flash-attention dS = P (dP - Delta).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -350,8 +349,8 @@ def _attention_kd_bwd_dq_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     if HAS_DO:
-        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_ds[None, :],
-                     mask=dmask_s, other=0.0)  # fmt: skip
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_ds[None, :], mask=dmask_s, other=0.0)
         lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
     if DIV != 0:

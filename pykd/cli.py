@@ -7,7 +7,7 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = ("kd_loss",)
+BENCHMARKS = ("kd_loss", "attention_kd")
 
 
 def info() -> dict:

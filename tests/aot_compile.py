@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pykd.kernels import common, kd_loss
+from pykd.kernels import attention_kd, common, kd_loss
 
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 
@@ -56,6 +57,45 @@ def compile_all(arch: int) -> int:
             assert triton.compile(src, target=target).asm.get("cubin")
             print(f"scale_rows {dtype} per_row={per_row}", flush=True)
             n += 1
+    n += compile_attention(target)
+    return n
+
+
+def compile_attention(target) -> int:
+    """attention_kd's three kernels for every divergence, at the launcher's block shapes."""
+    K = attention_kd
+    floats = {"qk_scale", "qk_scale_t", "inv_tau", "scale_s"}
+    f32_ptrs = {"row_ptr", "lse_ptr", "stats_ptr", "delta_ptr", "grow_ptr"}
+    n = 0
+    for dtype in ("bfloat16", "float32"):
+        for D in (64, 128):
+            for kernel, name in ((K._attention_kd_fwd_kernel, "fwd"), (K._attention_kd_bwd_dkdv_kernel, "dkdv"),
+                                 (K._attention_kd_bwd_dq_kernel, "dq")):  # fmt: skip
+                BM, BN, warps, stages = K.CONFIGS[name][64 if D <= 64 else 128]
+                for div in range(len(K.DIVERGENCES)):
+                    cst = dict(D_S=D, D_T=D, BLOCK_DS=D, BLOCK_DT=D, DIV=div, HAS_MASK=True, CAUSAL=True,
+                               PREC=K._prec(getattr(torch, dtype)), BLOCK_M=BM, BLOCK_N=BN)  # fmt: skip
+                    extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True}
+                    cst.update({k: v for k, v in extra.items() if k in kernel.arg_names})
+                    sig = {}
+                    for a in kernel.arg_names:
+                        if a in cst:
+                            sig[a] = "constexpr"
+                        elif a == "mask_ptr":
+                            sig[a] = "*u8"
+                        elif a == "th_ptr":
+                            sig[a] = "*i64"
+                        elif a in f32_ptrs:
+                            sig[a] = "*fp32"
+                        elif a.endswith("_ptr"):
+                            sig[a] = PTR[dtype]
+                        else:
+                            sig[a] = "fp32" if a in floats else "i32"
+                    src = ASTSource(fn=kernel, signature=sig, constexprs=cst)
+                    out = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+                    assert out.asm.get("cubin"), "no cubin"
+                    print(f"attention_kd {name} {dtype} D={D} {K.DIVERGENCES[div]}", flush=True)
+                    n += 1
     return n
 
 

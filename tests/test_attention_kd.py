@@ -166,8 +166,19 @@ def test_all_padded(backend, divergence):
     )
     assert (out[1] == 0).all()
     assert all((g[1] == 0).all() for g in grads)
-    out, loss, grads = run(backend, pykd.attention_kd, q, k, v, qt, kt, go=torch.ones_like(q),
-                           key_padding_mask=torch.zeros_like(m), divergence=divergence, teacher_heads=th)  # fmt: skip
+    out, loss, grads = run(
+        backend,
+        pykd.attention_kd,
+        q,
+        k,
+        v,
+        qt,
+        kt,
+        go=torch.ones_like(q),
+        key_padding_mask=torch.zeros_like(m),
+        divergence=divergence,
+        teacher_heads=th,
+    )
     assert loss.item() == 0.0 and (out == 0).all()
     assert all((g == 0).all() for g in grads)
 
@@ -379,8 +390,25 @@ def test_opcheck(backend):
             )
             torch.library.opcheck(ops.attention_kd_fwd.default, args)
             out, row, lse, stats = ops.attention_kd_fwd(*args)
-            bargs = (torch.randn_like(out), torch.randn_like(row), q, k, v, qt, kt, m, th, out.detach(), lse, stats,
-                     div, True, 0.3, 0.2, 2.0)  # fmt: skip
+            bargs = (
+                torch.randn_like(out),
+                torch.randn_like(row),
+                q,
+                k,
+                v,
+                qt,
+                kt,
+                m,
+                th,
+                out.detach(),
+                lse,
+                stats,
+                div,
+                True,
+                0.3,
+                0.2,
+                2.0,
+            )
             torch.library.opcheck(ops.attention_kd_bwd.default, bargs)
         torch.library.opcheck(
             ops.attention_kd_fwd.default, (q, k, v, None, None, None, None, "none", False, 0.25, 1.0, 1.0)
@@ -413,22 +441,60 @@ TH = [0, 1, 1, 0]
         ((Q, K, K, torch.zeros(2, 3, 8, 24), torch.zeros(2, 2, 8, 24)), {}, ValueError, "k_t heads"),
         ((Q, K, K, QT, KT), {}, ValueError, "pass teacher_heads"),
         ((Q, K, K, QT, KT), {"teacher_heads": [0, 1]}, ValueError, "teacher_heads must have length"),
-        ((Q, K, K, QT, KT), {"teacher_heads": [0, 1, 2, 0]}, ValueError, r"teacher_heads values must be in \[0, 2\)"),
+        (
+            (Q, K, K, QT, KT),
+            {"teacher_heads": [0, 1, 2, 0]},
+            ValueError,
+            r"teacher_heads values must be in \[0, 2\)",
+        ),
         ((Q, K, K, QT, KT), {"teacher_heads": [0, 1, 1.0, 0]}, TypeError, "teacher_heads must hold ints"),
-        ((Q, K, K, QT, KT), {"teacher_heads": torch.tensor([0, 1, -1, 0])}, ValueError, "teacher_heads values"),
-        ((Q, K, K, QT, KT), {"teacher_heads": TH, "key_padding_mask": M.float()}, TypeError, "key_padding_mask must be torch.bool"),
-        ((Q, K, K, QT, KT), {"teacher_heads": TH, "key_padding_mask": M[:, :5]}, ValueError, r"key_padding_mask must have shape \(B, N_k\)"),
-        ((Q, K, K, QT, KT), {"teacher_heads": TH, "divergence": "js"}, ValueError, "divergence must be one of"),
-        ((Q, K, K, QT, KT), {"teacher_heads": TH, "reduction": "avg"}, ValueError, "reduction must be one of"),
+        (
+            (Q, K, K, QT, KT),
+            {"teacher_heads": torch.tensor([0, 1, -1, 0])},
+            ValueError,
+            "teacher_heads values",
+        ),
+        (
+            (Q, K, K, QT, KT),
+            {"teacher_heads": TH, "key_padding_mask": M.float()},
+            TypeError,
+            "key_padding_mask must be torch.bool",
+        ),
+        (
+            (Q, K, K, QT, KT),
+            {"teacher_heads": TH, "key_padding_mask": M[:, :5]},
+            ValueError,
+            r"key_padding_mask must have shape \(B, N_k\)",
+        ),
+        (
+            (Q, K, K, QT, KT),
+            {"teacher_heads": TH, "divergence": "js"},
+            ValueError,
+            "divergence must be one of",
+        ),
+        (
+            (Q, K, K, QT, KT),
+            {"teacher_heads": TH, "reduction": "avg"},
+            ValueError,
+            "reduction must be one of",
+        ),
         ((Q, K, K, QT, KT), {"teacher_heads": TH, "temperature": 0.0}, ValueError, "temperature must be"),
         ((Q, K, K, QT, KT), {"teacher_heads": TH, "causal": 1}, TypeError, "causal must be a bool"),
         ((Q, K, K, QT, KT), {"teacher_heads": TH, "scale_s": float("nan")}, ValueError, "scale_s must be"),
-        ((Q, torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5, 16), QT[:, :, :, :], torch.zeros(2, 1, 5, 24)),
-         {"teacher_heads": TH, "causal": True}, ValueError, "causal=True needs N_q == N_k"),
-        ((torch.zeros(2, 4, 8, 300), torch.zeros(2, 2, 8, 300), torch.zeros(2, 2, 8, 300), QT, KT), {}, ValueError,
-         "head dim must be in"),
+        (
+            (Q, torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5, 16), QT[:, :, :, :], torch.zeros(2, 1, 5, 24)),
+            {"teacher_heads": TH, "causal": True},
+            ValueError,
+            "causal=True needs N_q == N_k",
+        ),
+        (
+            (torch.zeros(2, 4, 8, 300), torch.zeros(2, 2, 8, 300), torch.zeros(2, 2, 8, 300), QT, KT),
+            {},
+            ValueError,
+            "head dim must be in",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         pykd.attention_kd(*args, **kwargs)
