@@ -395,10 +395,19 @@ def _fwd_backward(ctx, d_out, d_row, d_lse, d_stats):
     return dq, dk, (dv if v is not None else None), None, None, None, None, None, None, None, None, None
 
 
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+def _bwd_backward(ctx, *grads):
+    raise RuntimeError("pykd.attention_kd / pykd.attention: double backward is not supported")
+
+
 if has_cpp():
     torch.library.register_fake("pykd::attention_kd_fwd")(_fwd_fake)
     torch.library.register_fake("pykd::attention_kd_bwd")(_bwd_fake)
     torch.library.register_autograd("pykd::attention_kd_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+    torch.library.register_autograd("pykd::attention_kd_bwd", _bwd_backward, setup_context=_bwd_setup_context)
     if _backend.HAS_TRITON:
         from .kernels import attention_kd as _kattn
 

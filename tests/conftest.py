@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _interpreter_bf16_rne() -> None:
-    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU's cvt.rn.bf16.f32 does.
+def _interpreter_bf16_fixes() -> None:
+    """Make the interpreter's bf16 behave as a GPU's. It rounds fp32 -> bf16 to nearest even, as
+    the GPU's cvt.rn.bf16.f32 does.
 
     Triton's interpreter truncates that conversion (whatever rounding the kernel asks for), which
     would leave interpreted bf16 outputs up to 1 ulp off where the hardware is within 1/2 ulp.
@@ -40,9 +41,25 @@ def _interpreter_bf16_rne() -> None:
 
     interpreter._convert_float = convert
 
+    # Its tl.dot multiplies bf16 operands as their raw uint16 storage (integers), so bf16 matrix
+    # products come out as garbage; a GPU multiplies the values (exactly, into fp32).
+    builder = interpreter.InterpreterBuilder
+    original_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(h):
+            if h.dtype.scalar == tl.bfloat16:
+                f = (h.data.astype(np.uint32) << 16).view(np.float32)
+                return interpreter.TensorHandle(f, tl.float32)
+            return h
+
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_bf16_rne()
+    _interpreter_bf16_fixes()
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
