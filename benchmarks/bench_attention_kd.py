@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +102,40 @@ def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int)
     rec.add(name, "full", "time", "ms", n, time_ms(full, device, reps=reps, setup=fresh))
     state.clear()
     gc.collect()
-    fresh()
-    rec.add(name, "full", "memory", "MB", n, peak_extra_mb(full, device))
+    if device.type == "cpu":
+        # A process's freed memory stays mapped and is reused, so on CPU each peak is taken in a
+        # fresh process (DESIGN.md section 7).
+        rec.add(name, "full", "memory", "MB", n, _fresh_process_peak(name, n, q0))
+    else:
+        fresh()
+        rec.add(name, "full", "memory", "MB", n, peak_extra_mb(full, device))
     state.clear()
     gc.collect()
+
+
+def _inputs(shape, device, dtype):
+    torch.manual_seed(0)
+    inputs = [torch.randn(shape, device=device).to(dtype) for _ in range(5)]
+    return inputs, torch.randn(shape, device=device).to(dtype)
+
+
+def _fresh_process_peak(name: str, n: int, like: torch.Tensor) -> float:
+    B, H, _, D = like.shape
+    cmd = [sys.executable, "-m", "pykd.benchmarks.bench_attention_kd", "--child-memory", name,
+           str(B), str(H), str(n), str(D), str(like.dtype).replace("torch.", "")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1].split()[-1])
+
+
+def _child_memory(name, B, H, n, D, dtype) -> None:
+    inputs, go = _inputs((int(B), int(H), int(n), int(D)), torch.device("cpu"), getattr(torch, dtype))
+    x = [t.clone().requires_grad_(True) for t in inputs[:3]]
+
+    def full():
+        out, loss = PROVIDERS[name](*x, *inputs[3:])
+        ((out * go).sum() + (loss if loss is not None else 0.0)).backward()
+
+    print("peak_extra_mb", peak_extra_mb(full, torch.device("cpu")))
 
 
 def run(args, head_dim: int) -> Recorder:
@@ -115,10 +147,7 @@ def run(args, head_dim: int) -> Recorder:
     )
     out_of_memory = set()
     for n in args.seq:
-        torch.manual_seed(0)
-        shape = (args.batch, args.heads, n, head_dim)
-        inputs = [torch.randn(shape, device=device).to(dtype) for _ in range(5)]
-        go = torch.randn(shape, device=device).to(dtype)
+        inputs, go = _inputs((args.batch, args.heads, n, head_dim), device, dtype)
         for name in args.providers:
             if name in out_of_memory:
                 print(f"  {name:>12} skipped at N={n} (out of memory at a smaller N)")
@@ -135,6 +164,9 @@ def run(args, head_dim: int) -> Recorder:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child-memory"]:
+        return _child_memory(*argv[1:])
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
