@@ -74,6 +74,18 @@ def _div_term(s, t, ls, lt, aux, inv_tau, DIV: tl.constexpr):
 
 
 @triton.jit
+def _visible(offs_m, offs_n, row_ok, col_ok, mask_row_ptr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key j is visible to query i (in range, not padded, j <= i if causal)."""
+    vis = col_ok[None, :] & row_ok[:, None]
+    if HAS_MASK:
+        km = tl.load(mask_row_ptr + offs_n, mask=col_ok, other=0)
+        vis = vis & (km != 0)[None, :]
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None])
+    return vis
+
+
+@triton.jit
 def _attention_kd_fwd_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr,
     out_ptr, row_ptr, lse_ptr, stats_ptr,
@@ -124,12 +136,7 @@ def _attention_kd_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_K
-        vis = col_ok[None, :] & row_ok[:, None]
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * stride_mb + offs_n, mask=col_ok, other=0)
-            vis = vis & (km != 0)[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+        vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
         kT = tl.load(
             k_base + offs_n[None, :] * stride_kn + offs_ds[:, None],
             mask=col_ok[None, :] & (offs_ds < D_S)[:, None],
@@ -372,12 +379,7 @@ def _attention_kd_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_K
-        vis = col_ok[None, :] & row_ok[:, None]
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * stride_mb + offs_n, mask=col_ok, other=0)
-            vis = vis & (km != 0)[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+        vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
         kmask = col_ok[:, None] & (offs_ds < D_S)[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_ds[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
