@@ -48,7 +48,15 @@ def main(argv=None) -> int:
     )
     b.add_argument("ops", nargs="*", help=f"ops to benchmark (default: all of {', '.join(BENCHMARKS)})")
     sub.add_parser("info", help="versions, devices and usable backends")
-    args, rest = p.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = []
+    if argv[:1] == ["bench"]:
+        # ops are the words before the first option; the rest goes to each benchmark unparsed
+        # (argparse would take an option's value, e.g. a path after --out-dir, for an op).
+        i = next((k for k, a in enumerate(argv) if k > 0 and a.startswith("-")), len(argv))
+        argv, rest = argv[:i], argv[i:]
+    args, more = p.parse_known_args(argv)
+    rest = more + rest
     if args.cmd == "info":
         for k, v in info().items():
             print(f"{k:>12}: {v}")

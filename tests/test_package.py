@@ -163,6 +163,20 @@ def test_cli_bench_writes_csv_and_png(tmp_path):
     assert (tmp_path / dev / "kd_loss.png").stat().st_size > 1000
 
 
+def test_cli_bench_all_quick(tmp_path):
+    """No op named: every benchmark, with options (and an option's value) passed through."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pykd", "bench", "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (dev,) = os.listdir(tmp_path)
+    names = set(os.listdir(tmp_path / dev))
+    assert {"kd_loss_quick.csv", "attention_kd_d64_quick.csv"} <= names, names
+
+
 def test_cli_rejects_unknown_op():
     r = subprocess.run(
         [sys.executable, "-m", "pykd", "bench", "nope"], capture_output=True, text=True, timeout=120
