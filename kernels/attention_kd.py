@@ -74,6 +74,23 @@ def _div_term(s, t, ls, lt, aux, inv_tau, DIV: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, offs, stride, ok, offs_d, D: tl.constexpr):
+    """(len(offs), BLOCK_D) tile of the rows base + offs * stride; 0 outside ok and past D."""
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=ok[:, None] & (offs_d < D)[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _load_stats(stats_ptr, row_off, ok):
+    """The saved (lse of s/tau, lse of t/tau) in log2 units, and aux, of the rows row_off."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    ls = tl.load(stats_ptr + row_off * 3, mask=ok, other=float("inf")) * LOG2E
+    lt = tl.load(stats_ptr + row_off * 3 + 1, mask=ok, other=float("inf")) * LOG2E
+    aux = tl.load(stats_ptr + row_off * 3 + 2, mask=ok, other=0.0)
+    return ls, lt, aux
+
+
+@triton.jit
 def _visible(offs_m, offs_n, row_ok, col_ok, mask_row_ptr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: key j is visible to query i (in range, not padded, j <= i if causal)."""
     vis = col_ok[None, :] & row_ok[:, None]
@@ -106,20 +123,12 @@ def _attention_kd_fwd_kernel(
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     row_ok = offs_m < N_Q
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_ds[None, :],
-        mask=row_ok[:, None] & (offs_ds < D_S)[None, :],
-        other=0.0,
-    )
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
-        qt = tl.load(
-            qt_ptr + b * stride_tqb + th * stride_tqh + offs_m[:, None] * stride_tqn + offs_dt[None, :],
-            mask=row_ok[:, None] & (offs_dt < D_T)[None, :],
-            other=0.0,
-        )
+        qt = _load_rows(qt_ptr + b * stride_tqb + th * stride_tqh, offs_m, stride_tqn, row_ok, offs_dt, D_T)
         kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -150,11 +159,7 @@ def _attention_kd_fwd_kernel(
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_V:
-            v = tl.load(
-                v_base + offs_n[:, None] * stride_vn + offs_ds[None, :],
-                mask=col_ok[:, None] & (offs_ds < D_S)[None, :],
-                other=0.0,
-            )
+            v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         if DIV != 0:
             ktT = tl.load(
@@ -262,11 +267,9 @@ def _attention_kd_bwd_dkdv_kernel(
         km = tl.load(mask_ptr + b * stride_mb + offs_n, mask=col_ok, other=0)
         kvis = kvis & (km != 0)
     dmask_s = col_ok[:, None] & (offs_ds < D_S)[None, :]
-    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_ds[None, :],
-                mask=dmask_s, other=0.0)  # fmt: skip
+    k = _load_rows(k_ptr + b * stride_kb + hk * stride_kh, offs_n, stride_kn, col_ok, offs_ds, D_S)
     if HAS_V:
-        v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_ds[None, :],
-                    mask=dmask_s, other=0.0)  # fmt: skip
+        v = _load_rows(v_ptr + b * stride_vb + hk * stride_vh, offs_n, stride_vn, col_ok, offs_ds, D_S)
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     lo = 0
@@ -280,18 +283,13 @@ def _attention_kd_bwd_dkdv_kernel(
         if DIV != 0:
             th = tl.load(th_ptr + h).to(tl.int64)
             qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
-            kt = tl.load(
-                kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh + offs_n[:, None] * stride_tkn
-                + offs_dt[None, :],
-                mask=col_ok[:, None] & (offs_dt < D_T)[None, :],
-                other=0.0,
-            )  # fmt: skip
+            kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
+            kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
         for start_m in range(lo, N_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N_Q
             row_off = bh * N_Q + offs_m
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_ds[None, :],
-                        mask=row_ok[:, None] & (offs_ds < D_S)[None, :], other=0.0)  # fmt: skip
+            q = _load_rows(q_base, offs_m, stride_qn, row_ok, offs_ds, D_S)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             vis = kvis[:, None] & row_ok[None, :]
             if CAUSAL:
@@ -300,8 +298,7 @@ def _attention_kd_bwd_dkdv_kernel(
             if HAS_DO:
                 lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
                 pT = tl.math.exp2(tl.where(vis, sT, float("-inf")) - lse1[None, :])
-                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_ds[None, :],
-                             mask=row_ok[:, None] & (offs_ds < D_S)[None, :], other=0.0)  # fmt: skip
+                do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
                 if HAS_V:
                     dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
                 dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -309,12 +306,9 @@ def _attention_kd_bwd_dkdv_kernel(
                 dsT = pT * (dpT - delta[None, :])
             if DIV != 0:
                 gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
-                qt = tl.load(qt_base + offs_m[:, None] * stride_tqn + offs_dt[None, :],
-                             mask=row_ok[:, None] & (offs_dt < D_T)[None, :], other=0.0)  # fmt: skip
+                qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
                 tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
-                ls = tl.load(stats_ptr + row_off * 3, mask=row_ok, other=float("inf")) * LOG2E
-                lt = tl.load(stats_ptr + row_off * 3 + 1, mask=row_ok, other=float("inf")) * LOG2E
-                aux = tl.load(stats_ptr + row_off * 3 + 2, mask=row_ok, other=0.0)
+                ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
                 term = _div_term(sT, tT, ls[None, :], lt[None, :], aux[None, :], inv_tau, DIV)
                 dsT += tl.where(vis, term, 0.0) * gi[None, :]
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
@@ -351,27 +345,20 @@ def _attention_kd_bwd_dq_kernel(
     row_ok = offs_m < N_Q
     row_off = bh * N_Q + offs_m
     dmask_s = row_ok[:, None] & (offs_ds < D_S)[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_ds[None, :],
-                mask=dmask_s, other=0.0)  # fmt: skip
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     if HAS_DO:
         do_base = do_ptr + b * stride_dob + h * stride_doh
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_ds[None, :], mask=dmask_s, other=0.0)
+        do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
         lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
-        qt = tl.load(
-            qt_ptr + b * stride_tqb + th * stride_tqh + offs_m[:, None] * stride_tqn + offs_dt[None, :],
-            mask=row_ok[:, None] & (offs_dt < D_T)[None, :],
-            other=0.0,
-        )
+        qt = _load_rows(qt_ptr + b * stride_tqb + th * stride_tqh, offs_m, stride_tqn, row_ok, offs_dt, D_T)
         kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
         gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
-        ls = tl.load(stats_ptr + row_off * 3, mask=row_ok, other=float("inf")) * LOG2E
-        lt = tl.load(stats_ptr + row_off * 3 + 1, mask=row_ok, other=float("inf")) * LOG2E
-        aux = tl.load(stats_ptr + row_off * 3 + 2, mask=row_ok, other=0.0)
+        ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     hi = N_K
     if CAUSAL:
@@ -380,21 +367,16 @@ def _attention_kd_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_K
         vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
-        kmask = col_ok[:, None] & (offs_ds < D_S)[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_ds[None, :], mask=kmask, other=0.0)
+        k = _load_rows(k_base, offs_n, stride_kn, col_ok, offs_ds, D_S)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_DO:
             p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse1[:, None])
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_ds[None, :], mask=kmask, other=0.0)
+            v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
         if DIV != 0:
-            kt = tl.load(
-                kt_base + offs_n[:, None] * stride_tkn + offs_dt[None, :],
-                mask=col_ok[:, None] & (offs_dt < D_T)[None, :],
-                other=0.0,
-            )
+            kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
             t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
             term = _div_term(s, t, ls[:, None], lt[:, None], aux[:, None], inv_tau, DIV)
             ds += tl.where(vis, term, 0.0) * gi[:, None]
