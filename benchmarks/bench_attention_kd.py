@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, time_ms
+from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, record_times
 
 TAU = 1.0
 
@@ -87,19 +87,7 @@ def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int)
         total = (out * go).sum() + (loss if loss is not None else 0.0)
         total.backward()
 
-    def setup_bwd():
-        fresh()
-        forward()
-
-    def full():
-        forward()
-        backward()
-
-    fresh()
-    full()  # warm-up (compiles)
-    rec.add(name, "fwd", "time", "ms", n, time_ms(forward, device, reps=reps, setup=fresh))
-    rec.add(name, "bwd", "time", "ms", n, time_ms(backward, device, reps=reps, setup=setup_bwd))
-    rec.add(name, "full", "time", "ms", n, time_ms(full, device, reps=reps, setup=fresh))
+    full = record_times(rec, name, n, device, reps, fresh, forward, backward)
     state.clear()
     gc.collect()
     if device.type == "cpu":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, time_ms
+from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, record_times
 
 T = 2.0
 ALPHA = 0.5
@@ -73,21 +73,10 @@ def measure(rec: Recorder, name: str, fn, s0, t, y, rows: int, device, reps: int
     def forward():
         state["loss"] = fn(state["s"], t, y)
 
-    def setup_bwd():
-        fresh()
-        forward()
-
     def backward():
         state["loss"].backward()
 
-    def full():
-        fn(state["s"], t, y).backward()
-
-    fresh()
-    full()  # warm-up (compiles)
-    rec.add(name, "fwd", "time", "ms", rows, time_ms(forward, device, reps=reps, setup=fresh))
-    rec.add(name, "bwd", "time", "ms", rows, time_ms(backward, device, reps=reps, setup=setup_bwd))
-    rec.add(name, "full", "time", "ms", rows, time_ms(full, device, reps=reps, setup=fresh))
+    full = record_times(rec, name, rows, device, reps, fresh, forward, backward)
     state.clear()
     gc.collect()
     fresh()

@@ -108,6 +108,28 @@ def time_ms(fn: Callable[[], None], device: torch.device, *, reps: int, setup=No
     return _quantiles(times)
 
 
+def record_times(rec, name: str, x_value, device: torch.device, reps: int, fresh, forward, backward):
+    """Record fwd, bwd and full (forward then backward) times of one provider at one size.
+
+    fresh() makes new leaf inputs, forward() runs the op, backward() backpropagates what forward
+    left; each timed call starts from untimed fresh inputs. Returns full, for a memory probe."""
+
+    def setup_bwd():
+        fresh()
+        forward()
+
+    def full():
+        forward()
+        backward()
+
+    fresh()
+    full()  # warm-up (compiles)
+    rec.add(name, "fwd", "time", "ms", x_value, time_ms(forward, device, reps=reps, setup=fresh))
+    rec.add(name, "bwd", "time", "ms", x_value, time_ms(backward, device, reps=reps, setup=setup_bwd))
+    rec.add(name, "full", "time", "ms", x_value, time_ms(full, device, reps=reps, setup=fresh))
+    return full
+
+
 def _rss_hwm_kb() -> int:
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
