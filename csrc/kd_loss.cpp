@@ -37,22 +37,6 @@ struct RowParams {
   bool compute_grad;
 };
 
-// Calls body(vs, vt, k, n) on blocks of kW logits starting at k; n < kW only for the last block,
-// whose missing lanes read -inf in both rows (-inf contributes exactly 0 to every sum below).
-template <typename S, typename T, typename F>
-PYKD_INLINE void blocks(const S* s, const T* t, int64_t V, F&& body) {
-  int64_t k = 0;
-  for (; k + kW <= V; k += kW) body(load(s + k), load(t + k), k, static_cast<int64_t>(kW));
-  if (k < V) body(load_partial(s + k, V - k, -kInf), load_partial(t + k, V - k, -kInf), k, V - k);
-}
-
-template <typename S>
-PYKD_INLINE float row_max(const S* x, int64_t V) {
-  vf m = splat(-kInf);
-  blocks(x, x, V, [&](vf v, vf, int64_t, int64_t) __attribute__((always_inline)) { m = vmax(m, v); });
-  return hmax(m);
-}
-
 // log(beta p_t + (1 - beta) p_s) from log p_t, log p_s.
 PYKD_INLINE vf log_mix(vf log_pt, vf log_ps, float log_beta, float log_1mb) {
   const vf a = log_pt + log_beta, b = log_ps + log_1mb;

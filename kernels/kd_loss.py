@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import mean_scale_in_forward, reduction_denominator
-from .common import DIVERGENCES, new_output
+from .common import DIVERGENCES, finish_rows, new_output, row_loss_scale
 
 # Grid cap: one program per row up to here, then programs stride over rows. CUDA's grid x-limit is
 # far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
@@ -261,11 +260,7 @@ def kd_loss_fwd(
     soft = new_output(R, device=dev, dtype=torch.float32)
     hard = new_output(R, device=dev, dtype=torch.float32)
     grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
-    n = reduction_denominator(target, R, ignore_index, num_items, dev)
-    if reduction == "mean" and mean_scale_in_forward(student.dtype):
-        scale = 1.0 / n
-    else:
-        scale = torch.ones((), device=dev, dtype=torch.float32)
+    n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature
     alpha_w = alpha * w
     if R > 0 and V > 0:
@@ -297,10 +292,5 @@ def kd_loss_fwd(
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
-    loss = soft * alpha_w + hard * (1.0 - alpha)
-    if reduction == "none":
-        return loss, soft, hard, grad
-    loss, soft, hard = loss.sum(), soft.sum(), hard.sum()
-    if reduction == "mean":
-        loss, soft, hard = loss / n, soft / n, hard / n
+    loss, soft, hard = finish_rows(soft, hard, alpha_w, alpha, reduction, n)
     return loss, soft, hard, grad

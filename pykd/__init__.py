@@ -6,7 +6,9 @@ CUDA tensors run Triton kernels, CPU tensors run C++ kernels (``pykd._C``); ever
 
 from ._backend import set_debug
 from .attention_kd import attention, attention_divergence, attention_kd, relation_kd
+from .fused_linear_kd import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from .kd_loss import kd_loss
+from .topk_kd_loss import topk_kd_loss
 
 __version__ = "0.1.0"
 
@@ -16,10 +18,13 @@ __all__ = [
     "attention",
     "attention_divergence",
     "attention_kd",
+    "fused_linear_kd_loss",
+    "fused_linear_topk_kd_loss",
     "kd_loss",
     "relation_kd",
     "nn",
     "reference",
     "set_debug",
+    "topk_kd_loss",
     "__version__",
 ]

@@ -88,58 +88,27 @@ def kd_loss(
             f"got {tuple(teacher_logits.shape)}"
         )
     _checks.choice("divergence", divergence, _DIVERGENCES)
-    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
-    temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
-    _checks.boolean("scale_by_t2", scale_by_t2)
-    _checks.boolean("return_components", return_components)
     if divergence == "jsd":
         beta = _checks.real("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     else:
         beta = _checks.real("beta", beta)
     V = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    names, tensors = ["student_logits", "teacher_logits"], [student_logits, teacher_logits]
-    if target is not None:
-        _checks.tensor("target", target)
-        if target.dtype != torch.int64:
-            raise TypeError(f"target must be int64 (torch.long), got {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(
-                f"target must have shape {tuple(lead)} (student_logits without its last dim), "
-                f"got {tuple(target.shape)}"
-            )
-        names.append("target")
-        tensors.append(target)
-    if alpha is None:
-        alpha = 0.5 if target is not None else 1.0
-    alpha = _checks.real("alpha", alpha, lo=0.0, hi=1.0)
-    if alpha < 1.0 and target is None:
-        raise ValueError(f"alpha={alpha} < 1 weights a hard cross-entropy term, which needs target")
-    num_items = None
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(
-                    "num_items_in_batch must be a number or a one-element tensor, got shape "
-                    f"{tuple(num_items_in_batch.shape)}"
-                )
-            num_items = num_items_in_batch.detach()
-        else:
-            n = _checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
-            num_items = torch.tensor(n, dtype=torch.float32)
-        if num_items.device != student_logits.device and not (
-            num_items.device.type == "cpu" and num_items.dim() == 0
-        ):
-            raise ValueError(
-                f"num_items_in_batch must be on {student_logits.device} or a CPU scalar, "
-                f"got {num_items.device}"
-            )
-    _checks.same_device(names, tensors)
-    if target is not None and _backend.debug() and not torch.compiler.is_compiling():
-        _check_target_range(target, V, ignore_index)  # the C++ kernel checks CPU targets itself
-    _backend.require_cpp()
-
+    temperature, alpha, ignore_index, num_items = row_loss_options(
+        lead,
+        V,
+        student_logits.device,
+        ["student_logits", "teacher_logits"],
+        [student_logits, teacher_logits],
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        scale_by_t2=scale_by_t2,
+        num_items_in_batch=num_items_in_batch,
+        return_components=return_components,
+    )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, soft, hard, _ = torch.ops.pykd.kd_loss_fwd(
         student_logits.reshape(-1, V),
@@ -162,6 +131,67 @@ def kd_loss(
     return loss
 
 
+def row_loss_options(
+    lead,
+    V,
+    device,
+    names,
+    tensors,
+    target,
+    *,
+    temperature,
+    alpha,
+    ignore_index,
+    reduction,
+    scale_by_t2,
+    num_items_in_batch,
+    return_components,
+):
+    """Checks the options every row loss shares (kd_loss, topk_kd_loss and their fused-linear
+    forms): rows of shape ``lead`` over a vocabulary of V on ``device``; ``names``/``tensors`` are
+    the op's tensors, checked to share a device with target.
+    Returns (temperature, alpha, ignore_index, num_items) with alpha's default resolved and
+    num_items a 0-d tensor or None."""
+    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+    temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    _checks.boolean("scale_by_t2", scale_by_t2)
+    _checks.boolean("return_components", return_components)
+    names, tensors = list(names), list(tensors)
+    if target is not None:
+        _checks.tensor("target", target)
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must be int64 (torch.long), got {target.dtype}")
+        if target.shape != lead:
+            raise ValueError(f"target must have shape {tuple(lead)} (one entry per row), got {tuple(target.shape)}")
+        names.append("target")
+        tensors.append(target)
+    if alpha is None:
+        alpha = 0.5 if target is not None else 1.0
+    alpha = _checks.real("alpha", alpha, lo=0.0, hi=1.0)
+    if alpha < 1.0 and target is None:
+        raise ValueError(f"alpha={alpha} < 1 weights a hard cross-entropy term, which needs target")
+    num_items = None
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    "num_items_in_batch must be a number or a one-element tensor, got shape "
+                    f"{tuple(num_items_in_batch.shape)}"
+                )
+            num_items = num_items_in_batch.detach()
+        else:
+            n = _checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
+            num_items = torch.tensor(n, dtype=torch.float32)
+        if num_items.device != device and not (num_items.device.type == "cpu" and num_items.dim() == 0):
+            raise ValueError(f"num_items_in_batch must be on {device} or a CPU scalar, got {num_items.device}")
+    _checks.same_device(names, tensors)
+    if target is not None and _backend.debug() and not torch.compiler.is_compiling():
+        _check_target_range(target, V, ignore_index)  # C++ checks CPU targets itself
+    _backend.require_cpp()
+    return temperature, alpha, ignore_index, num_items
+
+
 def _check_target_range(target: torch.Tensor, V: int, ignore_index: int) -> None:
     counted = target[target != ignore_index]
     if counted.numel() and (bool((counted < 0).any()) or bool((counted >= V).any())):
@@ -172,20 +202,60 @@ def _check_target_range(target: torch.Tensor, V: int, ignore_index: int) -> None
 # ---------------------------------------------------------------- op registration
 
 
-def _kd_loss_fwd_fake(
-    student,
-    teacher,
-    target,
-    num_items,
-    divergence,
-    temperature,
-    alpha,
-    beta,
-    ignore_index,
-    scale_by_t2,
-    reduction,
-    compute_grad,
-):
+def register_row_loss_autograd(op: str, *, target: int, num_items: int, ignore_index: int, reduction: int) -> None:
+    """Autograd of a row-loss op ``pykd::<op>(student, ..., compute_grad) -> (loss, soft, hard, grad)``
+    whose kernel stores d loss / d student in the forward; the ints are input positions.
+
+    backward scales the stored gradient by grad_output (and by 1/n when the dtype deferred the
+    "mean"), in place in eager mode."""
+
+    def setup_context(ctx, inputs, output):
+        student = inputs[0]
+        _, soft, hard, grad = output
+        ctx.mark_non_differentiable(soft, hard, grad)
+        ctx.set_materialize_grads(False)  # else autograd builds a zero (rows, V) cotangent for `grad`
+        ctx.save_for_backward(grad)
+        ctx.n_inputs = len(inputs)
+        ctx.consumed = False
+        ctx.denominator = None  # the "mean" 1/n still to apply in backward (fp16 only)
+        if inputs[reduction] == "mean" and not _backend.mean_scale_in_forward(student.dtype):
+            ctx.denominator = _backend.reduction_denominator(
+                inputs[target], student.shape[0], inputs[ignore_index], inputs[num_items], student.device
+            )
+
+    def backward(ctx, dloss, dsoft, dhard, dgrad):
+        none = (None,) * (ctx.n_inputs - 1)
+        if ctx.consumed:
+            raise RuntimeError(
+                f"pykd.{op}: backward ran twice through the same graph; the gradient is computed in "
+                "the forward and scaled in place, so recompute the loss instead of retain_graph=True"
+            )
+        if dloss is None:
+            return (None, *none)
+        (grad,) = ctx.saved_tensors
+        if ctx.denominator is not None:
+            dloss = dloss / ctx.denominator
+        if grad.numel() == 0:
+            raise RuntimeError(
+                f"pykd.{op}: the forward ran without a gradient (the student did not require grad "
+                "or grad mode was off); call it with grad enabled to backpropagate"
+            )
+        if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+            # Eager: scale the forward's gradient in place (no second (rows, V) tensor).
+            torch.ops.pykd.scale_rows_(grad, dloss)
+            ctx.consumed = True
+        else:
+            # Traced (functional/fake tensors) or a tensor subclass: stay functional.
+            grad = grad * (dloss.reshape(-1, 1) if dloss.dim() else dloss)
+        return (grad, *none)
+
+    torch.library.register_autograd(f"pykd::{op}_fwd", backward, setup_context=setup_context)
+
+
+def row_loss_fake(student, *args):
+    """Fake kernel of a row-loss op: (loss, soft, hard, grad) from the student's (R, V) shape;
+    the last two arguments are reduction and compute_grad."""
+    reduction, compute_grad = args[-2], args[-1]
     R, V = student.shape
     shape = (R,) if reduction == "none" else ()
     f32 = dict(dtype=torch.float32)
@@ -198,52 +268,10 @@ def _kd_loss_fwd_fake(
     )
 
 
-def _kd_loss_setup_context(ctx, inputs, output):
-    student, _, target, num_items, _, _, _, _, ignore_index, _, reduction, _ = inputs
-    _, soft, hard, grad = output
-    ctx.mark_non_differentiable(soft, hard, grad)
-    ctx.set_materialize_grads(False)  # else autograd builds a zero (rows, V) cotangent for `grad`
-    ctx.save_for_backward(grad)
-    ctx.consumed = False
-    ctx.denominator = None  # the "mean" 1/n still to apply in backward (fp16 only)
-    if reduction == "mean" and not _backend.mean_scale_in_forward(student.dtype):
-        ctx.denominator = _backend.reduction_denominator(
-            target, student.shape[0], ignore_index, num_items, student.device
-        )
-
-
-def _kd_loss_backward(ctx, dloss, dsoft, dhard, dgrad):
-    if ctx.consumed:
-        raise RuntimeError(
-            "pykd.kd_loss: backward ran twice through the same graph; the gradient is computed in "
-            "the forward and scaled in place, so recompute the loss instead of retain_graph=True"
-        )
-    if dloss is None:
-        return (None,) * 12
-    (grad,) = ctx.saved_tensors
-    if ctx.denominator is not None:
-        dloss = dloss / ctx.denominator
-    if grad.numel() == 0:
-        raise RuntimeError(
-            "pykd.kd_loss: the forward ran without a gradient (student_logits did not require grad "
-            "or grad mode was off); call kd_loss with grad enabled to backpropagate"
-        )
-    if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
-        # Eager: scale the forward's gradient in place (no second (rows, V) tensor).
-        torch.ops.pykd.scale_rows_(grad, dloss)
-        ctx.consumed = True
-    else:
-        # Traced (functional/fake tensors) or a tensor subclass: stay functional.
-        grad = grad * (dloss.reshape(-1, 1) if dloss.dim() else dloss)
-    return grad, None, None, None, None, None, None, None, None, None, None, None
-
-
 if has_cpp():
-    torch.library.register_fake("pykd::kd_loss_fwd")(_kd_loss_fwd_fake)
+    torch.library.register_fake("pykd::kd_loss_fwd")(row_loss_fake)
     torch.library.register_fake("pykd::scale_rows_")(lambda x, scale: None)
-    torch.library.register_autograd(
-        "pykd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context
-    )
+    register_row_loss_autograd("kd_loss", target=2, num_items=3, ignore_index=8, reduction=10)
     if _backend.HAS_TRITON:
         from .kernels import common as _kcommon
         from .kernels import kd_loss as _kkd

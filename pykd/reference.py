@@ -62,6 +62,11 @@ def kd_loss(
     else:
         raise ValueError(divergence)
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else T * T
+    return _combine(soft, s, target, alpha, w, ignore_index, reduction, num_items_in_batch, return_components)
+
+
+def _combine(soft, s, target, alpha, w, ignore_index, reduction, num_items_in_batch, return_components):
+    """loss_r = alpha w soft_r + (1 - alpha) hard_r over the rows that count, then the reduction."""
     if target is not None:
         valid = target != ignore_index
         safe_t = torch.where(valid, target, 0)
@@ -83,6 +88,85 @@ def kd_loss(
             denom = 1
         out = tuple(x.sum() / denom for x in (loss, soft, hard))
     return (out[0], out[1].detach(), out[2].detach()) if return_components else out[0]
+
+
+# ------------------------------------------------------------------------ fused linear, top-k
+
+
+def topk_kd_loss(
+    student_logits,
+    teacher_topk_logprobs,
+    teacher_topk_indices,
+    target=None,
+    *,
+    temperature=1.0,
+    alpha=None,
+    tail=True,
+    ignore_index=-100,
+    reduction="mean",
+    scale_by_t2=True,
+    num_items_in_batch=None,
+    return_components=False,
+):
+    """Reference of :func:`pykd.topk_kd_loss`: forward KL from the teacher's top-K log-probabilities."""
+    s = student_logits
+    T = float(temperature)
+    if alpha is None:
+        alpha = 0.5 if target is not None else 1.0
+    lp = teacher_topk_logprobs.detach().to(s.dtype)
+    idx = teacher_topk_indices
+    log_q = torch.log_softmax(s / T, dim=-1)
+    log_qk = log_q.gather(-1, idx)
+    if tail:
+        pk = lp.exp()
+        soft = _xlogy_safe(pk, lp - log_qk).sum(-1)
+        in_k = torch.zeros_like(s, dtype=torch.bool).scatter(-1, idx, True)
+        has_tail = (~in_k).any(-1)
+        # Rows without a tail get a dummy row, so logsumexp's gradient stays finite there.
+        outside = torch.where(has_tail[..., None], log_q.masked_fill(in_k, float("-inf")), 0)
+        log_q_tail = torch.logsumexp(outside, -1)
+        p_tail = (1 - pk.sum(-1)).clamp_min(0)
+        p_tail = torch.where(has_tail & (log_q_tail > float("-inf")), p_tail, 0).detach()
+        soft = soft + _xlogy_safe(p_tail, p_tail.log() - torch.where(p_tail > 0, log_q_tail, 0))
+    else:
+        lpn = torch.log_softmax(lp, dim=-1)
+        soft = _xlogy_safe(lpn.exp(), lpn - log_qk).sum(-1)
+    w = T * T if scale_by_t2 else 1.0
+    return _combine(soft, s, target, alpha, w, ignore_index, reduction, num_items_in_batch, return_components)
+
+
+def fused_linear_kd_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    target=None,
+    *,
+    student_bias=None,
+    teacher_bias=None,
+    chunk_size=None,
+    **kd_options,
+):
+    """Reference of :func:`pykd.fused_linear_kd_loss`: kd_loss on the materialized logits."""
+    s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    t = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias).detach()
+    return kd_loss(s, t, target, **kd_options)
+
+
+def fused_linear_topk_kd_loss(
+    student_hidden,
+    student_weight,
+    teacher_topk_logprobs,
+    teacher_topk_indices,
+    target=None,
+    *,
+    student_bias=None,
+    chunk_size=None,
+    **topk_options,
+):
+    """Reference of :func:`pykd.fused_linear_topk_kd_loss`: topk_kd_loss on the materialized logits."""
+    s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    return topk_kd_loss(s, teacher_topk_logprobs, teacher_topk_indices, target, **topk_options)
 
 
 # ------------------------------------------------------------------------------ attention

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..attention_kd import relation_kd
+from ..fused_linear_kd import fused_linear_kd_loss
 from ..kd_loss import kd_loss
+from ..topk_kd_loss import topk_kd_loss
 
 
 class KDLoss(torch.nn.Module):
@@ -95,4 +97,63 @@ class RelationKDLoss(torch.nn.Module):
         return f"num_relation_heads={self.num_relation_heads}, divergence={self.divergence!r}"
 
 
-__all__ = ["KDLoss", "RelationKDLoss"]
+class FusedLinearKDLoss(torch.nn.Module):
+    """Module form of :func:`pykd.fused_linear_kd_loss` (lm_head matmuls fused with the loss, the
+    (BT, V) logits never materialized); the options are fixed at construction.
+
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
+    student_bias=None, teacher_bias=None, num_items_in_batch=None)``: hidden (..., H_s) / (..., H_t),
+    weights (V, H_s) / (V, H_t) as ``lm_head.weight``; pass ``lm_head.bias`` as the biases if any.
+    """
+
+    def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, alpha: float | None = None,
+                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
+                 scale_by_t2: bool = True, return_components: bool = False,
+                 chunk_size: int | None = None):  # fmt: skip
+        super().__init__()
+        self.options = dict(
+            divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+            ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
+            return_components=return_components, chunk_size=chunk_size,
+        )  # fmt: skip
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
+                student_bias=None, teacher_bias=None, num_items_in_batch=None):  # fmt: skip
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias,
+            num_items_in_batch=num_items_in_batch, **self.options,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class TopKKDLoss(torch.nn.Module):
+    """Module form of :func:`pykd.topk_kd_loss` (a teacher given as top-K log-probabilities).
+
+    ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, target=None,
+    num_items_in_batch=None)``; shapes as in :func:`pykd.topk_kd_loss`.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, alpha: float | None = None, tail: bool = True,
+                 ignore_index: int = -100, reduction: str = "mean", scale_by_t2: bool = True,
+                 return_components: bool = False):  # fmt: skip
+        super().__init__()
+        self.options = dict(
+            temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
+            reduction=reduction, scale_by_t2=scale_by_t2, return_components=return_components,
+        )  # fmt: skip
+
+    def forward(self, student_logits, teacher_topk_logprobs, teacher_topk_indices, target=None,
+                num_items_in_batch=None):  # fmt: skip
+        return topk_kd_loss(
+            student_logits, teacher_topk_logprobs, teacher_topk_indices, target,
+            num_items_in_batch=num_items_in_batch, **self.options,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["FusedLinearKDLoss", "KDLoss", "RelationKDLoss", "TopKKDLoss"]

@@ -1,0 +1,266 @@
+// CPU kernel of pykd.topk_kd_loss (DESIGN.md section 4): distillation from a teacher given as its
+// top-K log-probabilities, loss and gradient in one call.
+//
+// Per row r, z = s / T, q = softmax(z), teacher log-probs lp_k at sorted distinct indices i_k:
+//   tail=True   KL over the K entries plus one tail bucket:
+//                 soft = sum_k p_k (lp_k - log q_k) + P (log P - log Q),
+//                 P = 1 - sum_k p_k (teacher's missing mass), Q = sum_{j not in K} q_j.
+//               log Q comes from a log-sum-exp over the non-K logits alone (never 1 - sum q_k,
+//               which cancels when the student puts nearly all its mass on the K entries).
+//               d soft / d z_j = q_j - p_j (j in K),  q_j - P exp(z_j - lse_out) (j not in K).
+//   tail=False  the teacher renormalized over its K entries, p^_k = exp(lp_k - logsumexp(lp)):
+//                 soft = sum_k p^_k (log p^_k - log q_k),  d soft / d z_j = q_j - p^_j [j in K].
+// Plus the hard CE at T = 1 and the reduction scale, exactly as kd_loss. The gradient is written
+// once in the student's dtype: a sweep writes every entry with the non-K formula, then the K
+// entries (and the target's one-hot entry) are overwritten.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kd_common.h"
+#include "vec_math.h"
+
+namespace pykd {
+namespace {
+
+struct TopkParams {
+  int64_t V, K;
+  float inv_t;
+  float alpha_w;  // alpha * (T^2 or 1)
+  float one_minus_alpha;
+  float grad_scale;  // 1/n for "mean" (not fp16), else 1
+  bool has_hard;
+  bool compute_grad;
+};
+
+float log_add_exp(float a, float b) {
+  const float m = std::max(a, b);
+  if (m == -kInf) return -kInf;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// One row. `mask` is this thread's V floats of 0, used to exclude the K entries from the tail sums.
+template <bool TAIL, bool NEED_H, typename S>
+PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const int64_t* __restrict idx,
+                       S* __restrict g, int64_t y, const TopkParams& P, float* __restrict mask,
+                       float* __restrict zk, float* soft_out, float* hard_out) {
+  const int64_t V = P.V, K = P.K;
+  const float inv_t = P.inv_t;
+  for (int64_t k = 0; k < K; ++k) zk[k] = static_cast<float>(s[idx[k]]) * inv_t;
+
+  // lse of z over the whole row; for the tail also lse_out over the non-K entries alone.
+  float lse, lse_out = -kInf;
+  if constexpr (TAIL) {
+    for (int64_t k = 0; k < K; ++k) mask[idx[k]] = -kInf;
+    vf mv = splat(-kInf);
+    blocks(s, mask, V, [&](vf sr, vf mk, int64_t, int64_t) __attribute__((always_inline)) {
+      mv = vmax(mv, sr * inv_t + mk);
+    });
+    const float m_out = hmax(mv);
+    const float m_safe = m_out == -kInf ? 0.f : m_out;
+    vf lv{};
+    blocks(s, mask, V, [&](vf sr, vf mk, int64_t, int64_t) __attribute__((always_inline)) {
+      lv += vexp(sr * inv_t + mk - m_safe);
+    });
+    for (int64_t k = 0; k < K; ++k) mask[idx[k]] = 0.f;
+    lse_out = m_safe + std::log(hsum(lv));
+    float m_in = -kInf;
+    for (int64_t k = 0; k < K; ++k) m_in = std::max(m_in, zk[k]);
+    float l_in = 0.f;
+    if (m_in != -kInf)
+      for (int64_t k = 0; k < K; ++k) l_in += std::exp(zk[k] - m_in);
+    lse = log_add_exp(m_in == -kInf ? -kInf : m_in + std::log(l_in), lse_out);
+  } else {
+    const float m = row_max(s, V) * inv_t;
+    vf lv{};
+    blocks(s, s, V, [&](vf sr, vf, int64_t, int64_t) __attribute__((always_inline)) {
+      lv += vexp(sr * inv_t - m);
+    });
+    lse = m + std::log(hsum(lv));
+  }
+  float lse_h = lse;
+  if constexpr (NEED_H) {
+    const float m = row_max(s, V);
+    vf lv{};
+    blocks(s, s, V, [&](vf sr, vf, int64_t, int64_t) __attribute__((always_inline)) {
+      lv += vexp(sr - m);
+    });
+    lse_h = m + std::log(hsum(lv));
+  }
+
+  // Teacher probabilities: as given (tail) or renormalized over K; the tail mass P.
+  float lp_shift = 0.f, p_tail = 0.f;
+  if constexpr (TAIL) {
+    float sum_p = 0.f;
+    for (int64_t k = 0; k < K; ++k) sum_p += std::exp(lp[k]);
+    // No tail bucket when K covers the vocabulary or the student has no mass outside K.
+    p_tail = (K < V && lse_out != -kInf) ? std::max(0.f, 1.f - sum_p) : 0.f;
+  } else {
+    float m = -kInf;
+    for (int64_t k = 0; k < K; ++k) m = std::max(m, lp[k]);
+    float l = 0.f;
+    for (int64_t k = 0; k < K; ++k) l += std::exp(lp[k] - m);
+    lp_shift = m + std::log(l);
+  }
+  float soft = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float lpk = lp[k] - lp_shift;
+    if (lpk != -kInf) soft += std::exp(lpk) * (lpk - zk[k] + lse);
+  }
+  if (TAIL && p_tail > 0.f) soft += p_tail * (std::log(p_tail) - lse_out + lse);
+  *soft_out = soft;
+  *hard_out = P.has_hard ? lse_h - static_cast<float>(s[y]) : 0.f;
+  if (!P.compute_grad) return;
+
+  // ---- the gradient: every entry with the non-K formula, then the K and target entries
+  const float cs = P.alpha_w * P.grad_scale * inv_t;
+  const float ch = P.has_hard ? P.one_minus_alpha * P.grad_scale : 0.f;
+  const float lse_o = lse_out == -kInf ? 0.f : lse_out;
+  auto outside = [&](vf sr) __attribute__((always_inline)) -> vf {
+    const vf zs = sr * inv_t;
+    const vf q = vexp(zs - lse);
+    vf d = q;
+    if constexpr (TAIL) d -= p_tail * vexp(zs - lse_o);
+    vf ph = q;
+    if constexpr (NEED_H) ph = vexp(sr - lse_h);
+    return cs * d + ch * ph;
+  };
+  blocks(s, s, V, [&](vf sr, vf, int64_t k, int64_t n) __attribute__((always_inline)) {
+    if (n == kW)
+      store(g + k, outside(sr));
+    else
+      store_partial(g + k, n, outside(sr));
+  });
+  if (P.has_hard) store_partial(g + y, 1, outside(load_partial(s + y, 1, -kInf)) - ch);
+  for (int64_t k = 0; k < K; ++k) {
+    const float sk = static_cast<float>(s[idx[k]]);
+    const float ph = NEED_H ? std::exp(sk - lse_h) : std::exp(zk[k] - lse);
+    const float d = std::exp(zk[k] - lse) - std::exp(lp[k] - lp_shift);
+    g[idx[k]] = static_cast<S>(cs * d + ch * ph - (idx[k] == y ? ch : 0.f));
+  }
+}
+
+template <bool TAIL, bool NEED_H, typename S>
+void topk_rows(const S* s, const float* lp, const int64_t* idx, S* g, const int64_t* target, int64_t R,
+               int64_t ignore_index, const TopkParams& P, float* soft, float* hard) {
+  const int64_t V = P.V, K = P.K;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> mask(TAIL ? V : 0, 0.f), zk(K);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t y = target ? target[r] : -1;
+      S* gr = g ? g + r * V : nullptr;
+      if (target && y == ignore_index) {  // counts for nothing: 0 loss, 0 gradient
+        soft[r] = hard[r] = 0.f;
+        if (gr) std::fill(gr, gr + V, static_cast<S>(0.f));
+        continue;
+      }
+      topk_row<TAIL, NEED_H, S>(s + r * V, lp + r * K, idx + r * K, gr, y, P, mask.data(), zk.data(),
+                                soft + r, hard + r);
+    }
+  });
+}
+
+template <typename S>
+void topk_dispatch(bool tail, bool need_h, const at::Tensor& st, const float* lp, const int64_t* idx,
+                   at::Tensor& grad, const int64_t* target, int64_t ignore_index, const TopkParams& P,
+                   float* soft, float* hard) {
+  const S* s = reinterpret_cast<const S*>(st.const_data_ptr());
+  S* g = P.compute_grad ? reinterpret_cast<S*>(grad.data_ptr()) : nullptr;
+  const int64_t R = st.size(0);
+  if (tail && need_h) topk_rows<true, true, S>(s, lp, idx, g, target, R, ignore_index, P, soft, hard);
+  if (tail && !need_h) topk_rows<true, false, S>(s, lp, idx, g, target, R, ignore_index, P, soft, hard);
+  if (!tail && need_h) topk_rows<false, true, S>(s, lp, idx, g, target, R, ignore_index, P, soft, hard);
+  if (!tail && !need_h) topk_rows<false, false, S>(s, lp, idx, g, target, R, ignore_index, P, soft, hard);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& topk_logprobs, const at::Tensor& topk_indices,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& num_items,
+    double temperature, double alpha, bool tail, int64_t ignore_index, bool scale_by_t2,
+    c10::string_view reduction, bool compute_grad) {
+  TORCH_CHECK(student.dim() == 2 && topk_logprobs.dim() == 2 &&
+                  topk_indices.sizes() == topk_logprobs.sizes() &&
+                  topk_logprobs.size(0) == student.size(0),
+              "pykd::topk_kd_loss_fwd: student (rows, V), topk_logprobs and topk_indices (rows, K)");
+  TORCH_CHECK(topk_indices.scalar_type() == at::kLong, "pykd::topk_kd_loss_fwd: indices must be int64");
+  const Reduction red = parse_reduction(std::string(reduction));
+  const auto s = student.contiguous();
+  const auto lp = topk_logprobs.to(at::kFloat).contiguous();
+  const auto ix = topk_indices.contiguous();
+  const int64_t R = s.size(0), V = s.size(1), K = lp.size(1);
+  const int64_t* ip = ix.const_data_ptr<int64_t>();
+  at::Tensor tgt;
+  if (target.has_value()) {
+    tgt = target->contiguous();
+    TORCH_CHECK(tgt.scalar_type() == at::kLong && tgt.numel() == R,
+                "pykd::topk_kd_loss_fwd: target must be int64 with one entry per row");
+  }
+  const int64_t* tp = target.has_value() ? tgt.data_ptr<int64_t>() : nullptr;
+  // The row kernel reads and writes at these indices: sorted, distinct, in [0, V) in every row that
+  // counts (an ignored row's indices are never read).
+  for (int64_t r = 0; r < R; ++r) {
+    if (tp && tp[r] == ignore_index) continue;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = ip[r * K + k];
+      TORCH_CHECK_VALUE(i >= 0 && i < V, "teacher_topk_indices must be in [0, ", V, "), found ", i);
+      TORCH_CHECK_VALUE(k == 0 || ip[r * K + k - 1] < i,
+                        "pykd::topk_kd_loss_fwd: indices must be sorted and distinct in each row");
+    }
+  }
+  const double n = reduction_count(tp, R, V, ignore_index, num_items);
+
+  TopkParams P;
+  P.V = V;
+  P.K = K;
+  P.inv_t = static_cast<float>(1.0 / temperature);
+  P.alpha_w = static_cast<float>(alpha * (scale_by_t2 ? temperature * temperature : 1.0));
+  P.one_minus_alpha = static_cast<float>(1.0 - alpha);
+  const bool fold_mean = red == Reduction::kMean && s.scalar_type() != at::kHalf;
+  P.grad_scale = fold_mean ? static_cast<float>(1.0 / n) : 1.f;
+  P.has_hard = tp != nullptr;
+  P.compute_grad = compute_grad;
+
+  auto fopts = s.options().dtype(at::kFloat);
+  auto soft = new_output({R}, fopts);
+  auto hard = new_output({R}, fopts);
+  auto grad = new_output(compute_grad ? at::IntArrayRef{R, V} : at::IntArrayRef{0}, s.options());
+  const bool need_h = P.has_hard && temperature != 1.0;
+  if (R > 0 && V > 0) {
+    const float* lpp = lp.const_data_ptr<float>();
+    float* sp = soft.data_ptr<float>();
+    float* hp = hard.data_ptr<float>();
+    switch (s.scalar_type()) {
+      case at::kFloat:
+        topk_dispatch<float>(tail, need_h, s, lpp, ip, grad, tp, ignore_index, P, sp, hp);
+        break;
+      case at::kHalf:
+        topk_dispatch<c10::Half>(tail, need_h, s, lpp, ip, grad, tp, ignore_index, P, sp, hp);
+        break;
+      case at::kBFloat16:
+        topk_dispatch<c10::BFloat16>(tail, need_h, s, lpp, ip, grad, tp, ignore_index, P, sp, hp);
+        break;
+      default:
+        TORCH_CHECK(false, "pykd::topk_kd_loss_fwd: logits must be float32, float16 or bfloat16");
+    }
+  }
+  auto [loss, soft_r, hard_r] = reduce_rows(soft, hard, P.alpha_w, P.one_minus_alpha, red, n);
+  return {loss, soft_r, hard_r, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pykd, m) {
+  m.def(
+      "topk_kd_loss_fwd(Tensor student, Tensor topk_logprobs, Tensor topk_indices, Tensor? target, "
+      "Tensor? num_items, float temperature, float alpha, bool tail, int ignore_index, "
+      "bool scale_by_t2, str reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pykd, CPU, m) { m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cpu); }
+
+}  // namespace pykd

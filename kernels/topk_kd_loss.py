@@ -1,0 +1,254 @@
+"""Triton kernel of ``pykd.topk_kd_loss``: distillation from a teacher's top-K log-probabilities.
+
+No autograd here; ``pykd/topk_kd_loss.py`` owns the op. See ../shared/DESIGN.md section 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import finish_rows, new_output, row_loss_scale
+
+MAX_PROGRAMS = 65535
+MAX_BLOCK_V = 2048  # the tail's membership test holds a (BLOCK_V, KW) compare in registers
+KW = 16  # sorted top-K indices tested against one vocabulary block at a time
+
+
+@triton.jit
+def _topk_kd_loss_kernel(
+    s_ptr,
+    lp_ptr,
+    idx_ptr,
+    target_ptr,
+    scale_ptr,
+    g_ptr,
+    soft_ptr,
+    hard_ptr,
+    R,
+    V,
+    K,
+    stride_s,
+    stride_k,
+    stride_g,
+    inv_t,
+    alpha_w,
+    one_minus_alpha,
+    ignore_index,
+    TAIL: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    SAME_T: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    KW: tl.constexpr,
+):
+    """Per row, z = s / T, q = softmax(z), teacher log-probs lp_k at sorted distinct indices i_k.
+
+    tail (TAIL): soft = sum_k p_k (lp_k - log q_k) + P (log P - log Q) with P = 1 - sum_k p_k and
+        log Q = lse_out - lse, lse_out the log-sum-exp of the non-K logits alone (an online softmax
+        over the vocabulary sweep with the K entries masked out, so Q never comes from 1 - sum q_k).
+        d soft/dz_j = q_j - p_j (j in K), q_j - P exp(z_j - lse_out) (j not in K).
+    no tail: p^ = softmax(lp) over the K entries; soft = sum_k p^_k (log p^_k - log q_k),
+        d soft/dz_j = q_j - p^_j [j in K].
+    The sweep tests membership with the sorted indices: a window of KW indices starting at the first
+    one not yet passed is compared with the block; the window advances past the indices below the
+    block's end. The gradient sweep writes the non-K formula everywhere; after a barrier the
+    target's entry and then the K entries are overwritten with their exact values.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0)
+    gscale = tl.load(scale_ptr).to(tl.float32)
+    NEG_INF: tl.constexpr = float("-inf")
+    NEED_H: tl.constexpr = HAS_TARGET and not SAME_T
+    koffs = tl.arange(0, BLOCK_K)
+    kmask = koffs < K
+    for row64 in range(pid, R, nprog):
+        s_row = s_ptr + row64 * stride_s
+        idx_row = idx_ptr + row64 * stride_k
+        y = 0
+        valid = True
+        if HAS_TARGET:
+            y = tl.load(target_ptr + row64)
+            valid = y != ignore_index
+        if valid:
+            ik = tl.load(idx_row + koffs, mask=kmask, other=0)
+            k_ok = kmask & (ik >= 0) & (ik < V)  # memory safety for unchecked (compiled) input
+            lpk = tl.load(lp_ptr + row64 * stride_k + koffs, mask=kmask, other=NEG_INF).to(tl.float32)
+            sk = tl.load(s_row + ik, mask=k_ok, other=NEG_INF).to(tl.float32)
+            zk = sk * inv_t
+            # ---- sweep: online (max, sum) of z (outside K when TAIL) and of raw s (hard CE)
+            m = NEG_INF
+            l = 0.0
+            m_h = NEG_INF
+            l_h = 0.0
+            kp = tl.zeros([], dtype=tl.int32)  # indices passed so far
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                z = sr * inv_t
+                if TAIL:
+                    hit = tl.zeros([BLOCK_V], dtype=tl.int32)
+                    n_in = tl.full([], KW, tl.int32)
+                    while n_in == KW:
+                        wo = kp + tl.arange(0, KW)
+                        iw = tl.load(idx_row + wo, mask=wo < K, other=V + BLOCK_V)
+                        hit += tl.sum((offs[:, None] == iw[None, :]).to(tl.int32), axis=1)
+                        n_in = tl.sum((iw < v0 + BLOCK_V).to(tl.int32))
+                        kp += n_in
+                    z = tl.where(hit > 0, NEG_INF, z)
+                m_new = tl.maximum(m, tl.max(z))
+                m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+                l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe))
+                m = m_new
+                if NEED_H:
+                    mh_new = tl.maximum(m_h, tl.max(sr))
+                    mh_safe = tl.where(mh_new == NEG_INF, 0.0, mh_new)
+                    l_h = l_h * tl.exp(m_h - mh_safe) + tl.sum(tl.exp(sr - mh_safe))
+                    m_h = mh_new
+            lse_out = m + tl.log(l)  # the whole row's lse when not TAIL; -inf for an empty tail
+            lp_shift = 0.0
+            p_tail = 0.0
+            if TAIL:
+                m_in = tl.max(zk)
+                m_in_safe = tl.where(m_in == NEG_INF, 0.0, m_in)
+                lse_in = m_in_safe + tl.log(tl.sum(tl.exp(zk - m_in_safe)))
+                mx = tl.maximum(lse_in, lse_out)
+                mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
+                lse = mx_safe + tl.log(tl.exp(lse_in - mx_safe) + tl.exp(lse_out - mx_safe))
+                sum_p = tl.sum(tl.exp(lpk))
+                has_tail = (K < V) & (lse_out > NEG_INF)
+                p_tail = tl.where(has_tail, tl.maximum(1.0 - sum_p, 0.0), 0.0)
+            else:
+                lse = lse_out
+                m_p = tl.max(lpk)
+                lp_shift = m_p + tl.log(tl.sum(tl.exp(lpk - m_p)))
+            lpn = lpk - lp_shift
+            soft = tl.sum(tl.where(lpn > NEG_INF, tl.exp(lpn) * (lpn - zk + lse), 0.0))
+            if TAIL:
+                p_safe = tl.where(p_tail > 0.0, p_tail, 1.0)
+                soft += tl.where(p_tail > 0.0, p_tail * (tl.log(p_safe) - lse_out + lse), 0.0)
+            lse_h = lse
+            if NEED_H:
+                lse_h = m_h + tl.log(l_h)
+            hard = 0.0
+            if HAS_TARGET:
+                hard = lse_h - tl.load(s_row + y).to(tl.float32)
+            tl.store(soft_ptr + row64, soft)
+            tl.store(hard_ptr + row64, hard)
+            # ---- the gradient
+            if COMPUTE_GRAD:
+                cs = alpha_w * gscale * inv_t
+                ch = one_minus_alpha * gscale
+                lse_o = tl.where(lse_out == NEG_INF, 0.0, lse_out)
+                g_row = g_ptr + row64 * stride_g
+                for v0 in range(0, V, BLOCK_V):
+                    offs = v0 + tl.arange(0, BLOCK_V)
+                    mask = offs < V
+                    sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+                    g = _outside_grad(sr, inv_t, lse, lse_o, p_tail, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET)
+                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                tl.debug_barrier()
+                if HAS_TARGET:
+                    sy = tl.load(s_row + y).to(tl.float32)
+                    gy = _outside_grad(sy, inv_t, lse, lse_o, p_tail, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET)
+                    tl.store(g_row + y, (gy - ch).to(g_ptr.dtype.element_ty))
+                    tl.debug_barrier()
+                qk = tl.exp(zk - lse)
+                gk = cs * (qk - tl.exp(lpn))
+                if HAS_TARGET:
+                    phk = qk
+                    if NEED_H:
+                        phk = tl.exp(sk - lse_h)
+                    gk += ch * (phk - tl.where(ik == y, 1.0, 0.0))
+                tl.store(g_row + ik, gk.to(g_ptr.dtype.element_ty), mask=k_ok)
+        else:
+            tl.store(soft_ptr + row64, 0.0)
+            tl.store(hard_ptr + row64, 0.0)
+            if COMPUTE_GRAD:
+                g_row = g_ptr + row64 * stride_g
+                for v0 in range(0, V, BLOCK_V):
+                    offs = v0 + tl.arange(0, BLOCK_V)
+                    zero = tl.zeros([BLOCK_V], dtype=tl.float32)
+                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _outside_grad(sr, inv_t, lse, lse_o, p_tail, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET):
+    """The gradient of an entry outside K: cs (q - P exp(z - lse_out)) + ch softmax(s)."""
+    z = sr * inv_t
+    q = tl.exp(z - lse)
+    d = q
+    if TAIL:
+        d = q - p_tail * tl.exp(z - lse_o)
+    g = cs * d
+    if HAS_TARGET:
+        ph = q
+        if NEED_H:
+            ph = tl.exp(sr - lse_h)
+        g += ch * ph
+    return g
+
+
+def topk_kd_loss_fwd(
+    student: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    target: torch.Tensor | None,
+    num_items: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    tail: bool,
+    ignore_index: int,
+    scale_by_t2: bool,
+    reduction: str,
+    compute_grad: bool,
+):
+    """Launch on (R, V) logits and (R, K) sorted distinct indices. Returns (loss, soft, hard, grad)
+    like the C++ op ``pykd::topk_kd_loss_fwd``."""
+    R, V = student.shape
+    K = topk_indices.shape[1]
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    lp = topk_logprobs.contiguous()
+    idx = topk_indices.contiguous()
+    dev = student.device
+    soft = new_output(R, device=dev, dtype=torch.float32)
+    hard = new_output(R, device=dev, dtype=torch.float32)
+    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
+    n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
+    alpha_w = alpha * (temperature * temperature if scale_by_t2 else 1.0)
+    if R > 0 and V > 0:
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+        block_k = triton.next_power_of_2(max(K, 1))
+        _topk_kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
+            student,
+            lp,
+            idx,
+            target if target is not None else soft,
+            scale,
+            grad,
+            soft,
+            hard,
+            R,
+            V,
+            K,
+            student.stride(0),
+            K,
+            V,
+            1.0 / temperature,
+            alpha_w,
+            1.0 - alpha,
+            ignore_index,
+            TAIL=tail,
+            HAS_TARGET=target is not None,
+            SAME_T=temperature == 1.0,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            KW=min(KW, block_k),
+            num_warps=4 if block_v <= 1024 else 8,
+        )
+    loss, soft, hard = finish_rows(soft, hard, alpha_w, alpha, reduction, n)
+    return loss, soft, hard, grad

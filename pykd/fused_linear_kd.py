@@ -1,0 +1,564 @@
+"""``pykd.fused_linear_kd_loss`` and ``pykd.fused_linear_topk_kd_loss`` (DESIGN.md section 4): the
+lm_head matmuls and the distillation loss, chunked over rows so the (BT, V) logits never exist in full.
+
+Per chunk of rows: the student's (and teacher's) fp32 logits come from one GEMM each (bf16/fp16 inputs
+accumulate into fp32 output, never rounded to the input dtype), the row kernel of kd_loss or
+topk_kd_loss (Triton on CUDA, C++ on CPU) turns them into the loss and d loss / d logits, and two GEMMs
+take that gradient to the hidden states and to the weight, whose gradient accumulates in fp32.
+
+"mean" and "sum" compute every gradient in the forward (four BT x H x V GEMMs in all) and backward
+only scales them by grad_output. reduction="none" needs each row's grad_output before the weight
+gradient can be summed, so its forward computes the loss alone and backward recomputes the logits
+(six GEMMs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend, _checks
+from ._backend import has_cpp
+from .kd_loss import _DIVERGENCES, row_loss_options
+from .topk_kd_loss import check_topk
+
+# Default chunk: rows whose fp32 logits fill about this many elements (CUDA: large GEMMs; CPU: small
+# enough that the few chunk buffers stay far below the materialized logits).
+_CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 22}
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    return_components: bool = False,
+    chunk_size: int | None = None,
+):
+    r""":func:`pykd.kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against
+    ``teacher_hidden @ teacher_weight.T + teacher_bias``, without materializing the (BT, V) logits.
+
+    Args:
+        student_hidden: (..., H_s) float32/float16/bfloat16, the last hidden states (BT rows).
+        student_weight: (V, H_s), the lm_head weight (``nn.Linear(H_s, V).weight`` layout), same dtype.
+        teacher_hidden: (..., H_t) with the student's leading shape; H_t may differ from H_s.
+        teacher_weight: (V, H_t). The teacher's tensors never get a gradient.
+        target: optional (...) int64, as in :func:`pykd.kd_loss`.
+        student_bias, teacher_bias: optional (V,).
+        divergence, temperature, alpha, beta, ignore_index, reduction, scale_by_t2,
+        num_items_in_batch, return_components: as in :func:`pykd.kd_loss`.
+        chunk_size: rows per chunk; None picks about 2^27 (CUDA) or 2^22 (CPU) logits per chunk.
+
+    Returns:
+        fp32 loss: 0-d, or (...) for ``reduction="none"``.
+
+    Precision: each chunk's logits are fp32 (a bf16/fp16 GEMM with fp32 output; on CPU the weights
+    are read through one fp32 copy each). The logit gradient is computed in fp32 and rounded once
+    to the input dtype for the two gradient GEMMs; the weight and bias gradients accumulate in fp32
+    across chunks and are rounded once. Gradients reach student_hidden, student_weight and
+    student_bias, only those that require grad (a frozen lm_head skips the weight GEMM).
+    """
+    _checks.choice("divergence", divergence, _DIVERGENCES)
+    if divergence == "jsd":
+        beta = _checks.real("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    else:
+        beta = _checks.real("beta", beta)
+    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    hs, ws, bs, lead = _check_linear("student", student_hidden, student_weight, student_bias)
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_hidden must have the student's leading shape {tuple(lead)}, got "
+            f"{tuple(teacher_hidden.shape)}"
+        )
+    if teacher_weight.shape[0] != ws.shape[0]:
+        raise ValueError(
+            f"teacher_weight must have the student's vocabulary V={ws.shape[0]} rows, got "
+            f"{tuple(teacher_weight.shape)}"
+        )
+    return _run(
+        lead,
+        hs,
+        ws,
+        bs,
+        [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)],
+        dict(
+            h_t=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+            w_t=teacher_weight.detach(),
+            b_t=None if teacher_bias is None else teacher_bias.detach(),
+            lp=None,
+            idx=None,
+            divergence=divergence,
+            beta=beta,
+            tail=False,
+        ),
+        target,
+        temperature,
+        alpha,
+        ignore_index,
+        reduction,
+        scale_by_t2,
+        num_items_in_batch,
+        return_components,
+        chunk_size,
+    )
+
+
+def fused_linear_topk_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    tail: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    return_components: bool = False,
+    chunk_size: int | None = None,
+):
+    r""":func:`pykd.topk_kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against a
+    teacher given as top-K log-probabilities, without materializing the (BT, V) logits.
+
+    Shapes: student_hidden (..., H), student_weight (V, H), student_bias (V,), teacher_topk_logprobs and
+    teacher_topk_indices (..., K). Options, precision and gradients as in
+    :func:`pykd.topk_kd_loss` and :func:`pykd.fused_linear_kd_loss`.
+    """
+    hs, ws, bs, lead = _check_linear("student", student_hidden, student_weight, student_bias)
+    _checks.tensor("teacher_topk_logprobs", teacher_topk_logprobs, float_dtype=True)
+    _checks.tensor("teacher_topk_indices", teacher_topk_indices)
+    return _run(
+        lead,
+        hs,
+        ws,
+        bs,
+        [("teacher_topk_logprobs", teacher_topk_logprobs), ("teacher_topk_indices", teacher_topk_indices)],
+        dict(
+            h_t=None,
+            w_t=None,
+            b_t=None,
+            lp=teacher_topk_logprobs,
+            idx=teacher_topk_indices,
+            divergence="kl",
+            beta=0.5,
+            tail=tail,
+        ),
+        target,
+        temperature,
+        alpha,
+        ignore_index,
+        reduction,
+        scale_by_t2,
+        num_items_in_batch,
+        return_components,
+        chunk_size,
+    )
+
+
+def _check_linear(who, hidden, weight, bias):
+    """Checks one model's (hidden, weight, bias); returns hidden as (BT, H), weight, bias, lead shape."""
+    _checks.tensor(f"{who}_hidden", hidden, float_dtype=True)
+    _checks.tensor(f"{who}_weight", weight, float_dtype=True)
+    if hidden.dim() < 2:
+        raise ValueError(f"{who}_hidden must have shape (..., H) with at least 2 dims, got {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"{who}_weight must have shape (V, {H}) (lm_head layout), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{who}_weight must have {who}_hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        _checks.tensor(f"{who}_bias", bias, float_dtype=True)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{who}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{who}_bias must have {who}_hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    return hidden.reshape(-1, H), weight, bias, hidden.shape[:-1]
+
+
+def _run(
+    lead,
+    hs,
+    ws,
+    bs,
+    teacher_named,
+    teacher,
+    target,
+    temperature,
+    alpha,
+    ignore_index,
+    reduction,
+    scale_by_t2,
+    num_items_in_batch,
+    return_components,
+    chunk_size,
+):
+    V = ws.shape[0]
+    named = [("student_hidden", hs), ("student_weight", ws)] + [(n, t) for n, t in teacher_named if t is not None]
+    if bs is not None:
+        named.append(("student_bias", bs))
+    temperature, alpha, ignore_index, num_items = row_loss_options(
+        lead,
+        V,
+        hs.device,
+        [n for n, _ in named],
+        [t for _, t in named],
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        scale_by_t2=scale_by_t2,
+        num_items_in_batch=num_items_in_batch,
+        return_components=return_components,
+    )
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMS["cuda" if hs.is_cuda else "cpu"] // V)
+    else:
+        chunk_size = _checks.integer("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    lp, idx = teacher["lp"], teacher["idx"]
+    if lp is not None:
+        lp, idx = check_topk(lp, idx, lead, V, teacher["tail"], target, ignore_index)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad for t in (hs, ws, bs)]
+    loss, soft, hard, *_ = torch.ops.pykd.fused_linear_kd_fwd(
+        hs,
+        ws,
+        bs,
+        teacher["h_t"],
+        teacher["w_t"],
+        teacher["b_t"],
+        lp,
+        idx,
+        None if target is None else target.reshape(-1),
+        num_items,
+        teacher["divergence"],
+        temperature,
+        alpha,
+        teacher["beta"],
+        teacher["tail"],
+        ignore_index,
+        scale_by_t2,
+        reduction,
+        need[0],
+        need[1],
+        need[2],
+        chunk_size,
+    )
+    if reduction == "none":
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    if return_components:
+        return loss, soft.detach(), hard.detach()
+    return loss
+
+
+# ------------------------------------------------------------------------------ the chunk driver
+
+
+def _logits_f32(h, w, b, w32):
+    """fp32 logits h @ w.T + b of one chunk, never rounded to a 16-bit dtype."""
+    if h.dtype == torch.float32:
+        return torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
+    if w32 is not None:  # CPU 16-bit: through the weight's one fp32 copy
+        h = h.float()
+        return torch.addmm(b.float(), h, w32.t()) if b is not None else torch.mm(h, w32.t())
+    out = torch.mm(h, w.t(), out_dtype=torch.float32)  # cuBLAS: 16-bit inputs, fp32 accumulate + output
+    return out.add_(b) if b is not None else out
+
+
+def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items):
+    """The row kernel on one chunk's fp32 logits: (loss, soft, hard, d loss / d logits)."""
+    tgt = None if a["target"] is None else a["target"][c0:c1]
+    if a["lp"] is not None:
+        return torch.ops.pykd.topk_kd_loss_fwd(
+            logits,
+            a["lp"][c0:c1],
+            a["idx"][c0:c1],
+            tgt,
+            num_items,
+            a["temperature"],
+            a["alpha"],
+            a["tail"],
+            a["ignore_index"],
+            a["scale_by_t2"],
+            reduction,
+            compute_grad,
+        )
+    t = _logits_f32(a["h_t"][c0:c1], a["w_t"], a["b_t"], a["w_t32"])
+    return torch.ops.pykd.kd_loss_fwd(
+        logits,
+        t,
+        tgt,
+        num_items,
+        a["divergence"],
+        a["temperature"],
+        a["alpha"],
+        a["beta"],
+        a["ignore_index"],
+        a["scale_by_t2"],
+        reduction,
+        compute_grad,
+    )
+
+
+def _drive(a, *, need, row_scale=None):
+    """Runs every chunk. need = (grad_h, grad_w, grad_b) wanted; row_scale (R,) multiplies each row's
+    logit gradient (the recompute of reduction="none"). Returns (loss, soft, hard, gh, gw, gb)."""
+    hs, ws, bs = a["h_s"], a["w_s"], a["b_s"]
+    R, V, H = hs.shape[0], ws.shape[0], ws.shape[1]
+    dtype, dev = hs.dtype, hs.device
+    compute_grad = any(need)
+    reduction = a["reduction"]
+    n = _backend.reduction_denominator(a["target"], R, a["ignore_index"], a["num_items"], dev)
+    # Chunks return partial sums; "mean" folds 1/n into the stored gradient unless fp16 defers it.
+    fold = reduction == "mean" and _backend.mean_scale_in_forward(dtype)
+    chunk_red = "none" if reduction == "none" else ("mean" if fold else "sum")
+    chunk_n = n if fold else None
+    f32 = torch.float32
+    gh = torch.empty((R, H) if need[0] else (0,), device=dev, dtype=dtype)
+    gw32 = torch.zeros((V, H) if need[1] else (0,), device=dev, dtype=f32)
+    gb32 = torch.zeros((V,) if need[2] else (0,), device=dev, dtype=f32)
+    losses, softs, hards = [], [], []
+    for c0 in range(0, R, a["chunk_size"]):
+        c1 = min(R, c0 + a["chunk_size"])
+        hc = hs[c0:c1]
+        logits = _logits_f32(hc, ws, bs, a["w_s32"])
+        loss, soft, hard, g = _row_loss(logits, c0, c1, a, compute_grad, chunk_red, chunk_n)
+        del logits
+        losses.append(loss)
+        softs.append(soft)
+        hards.append(hard)
+        if not compute_grad:
+            continue
+        if row_scale is not None:
+            g.mul_(row_scale[c0:c1, None])
+        if need[2]:
+            gb32 += g.sum(0)
+        if a["w_s32"] is not None:  # CPU 16-bit: fp32 GEMMs on the fp32 weight copy
+            if need[0]:
+                gh[c0:c1] = torch.mm(g, a["w_s32"]).to(dtype)
+            if need[1]:
+                gw32.addmm_(g.t(), hc.float())
+            continue
+        gl = g if dtype == f32 else g.to(dtype)
+        del g
+        if need[0]:
+            torch.mm(gl, ws, out=gh[c0:c1])
+        if need[1]:
+            if dtype == f32:
+                gw32.addmm_(gl.t(), hc)
+            else:
+                torch.addmm(gw32, gl.t(), hc, out_dtype=f32, out=gw32)
+    if reduction == "none":
+        loss, soft, hard = torch.cat(losses), torch.cat(softs), torch.cat(hards)
+    else:
+        loss, soft, hard = (torch.stack(x).sum() for x in (losses, softs, hards))
+        if reduction == "mean" and not fold:
+            loss, soft, hard = loss / n, soft / n, hard / n
+    if not fold and reduction == "mean":  # fp16: grad_w/grad_b are fp32 until here, so fold now
+        gw32 /= n
+        gb32 /= n
+    gw = gw32 if dtype == f32 else gw32.to(dtype)
+    gb = gb32 if dtype == f32 else gb32.to(dtype)
+    return loss, soft, hard, gh, gw, gb
+
+
+def _args(
+    h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
+    tail, ignore_index, scale_by_t2, reduction, chunk_size,
+):  # fmt: skip
+    cpu16 = h_s.device.type == "cpu" and h_s.dtype != torch.float32
+    return dict(
+        h_s=h_s,
+        w_s=w_s,
+        b_s=b_s,
+        w_s32=w_s.float() if cpu16 else None,
+        h_t=h_t,
+        w_t=w_t,
+        b_t=b_t,
+        w_t32=w_t.float() if (w_t is not None and w_t.device.type == "cpu" and w_t.dtype != torch.float32) else None,
+        lp=lp,
+        idx=idx,
+        target=target,
+        num_items=num_items,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        tail=tail,
+        ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+@torch.library.custom_op("pykd::fused_linear_kd_fwd", mutates_args=())
+def _fused_linear_kd_fwd(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: Optional[torch.Tensor],
+    h_t: Optional[torch.Tensor],
+    w_t: Optional[torch.Tensor],
+    b_t: Optional[torch.Tensor],
+    lp: Optional[torch.Tensor],
+    idx: Optional[torch.Tensor],
+    target: Optional[torch.Tensor],
+    num_items: Optional[torch.Tensor],
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    tail: bool,
+    ignore_index: int,
+    scale_by_t2: bool,
+    reduction: str,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, soft, hard, grad_h, grad_w, grad_b); the gradients only for "mean"/"sum" (else (0,))."""
+    a = _args(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
+              tail, ignore_index, scale_by_t2, reduction, chunk_size)  # fmt: skip
+    need = (need_h, need_w, need_b and b_s is not None) if reduction != "none" else (False, False, False)
+    return _drive(a, need=need)
+
+
+@torch.library.custom_op("pykd::fused_linear_kd_bwd", mutates_args=())
+def _fused_linear_kd_bwd(
+    dloss: torch.Tensor,
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: Optional[torch.Tensor],
+    h_t: Optional[torch.Tensor],
+    w_t: Optional[torch.Tensor],
+    b_t: Optional[torch.Tensor],
+    lp: Optional[torch.Tensor],
+    idx: Optional[torch.Tensor],
+    target: Optional[torch.Tensor],
+    num_items: Optional[torch.Tensor],
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    tail: bool,
+    ignore_index: int,
+    scale_by_t2: bool,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction="none" backward: recomputes the logits, scales row r's gradient by dloss[r]."""
+    a = _args(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
+              tail, ignore_index, scale_by_t2, "none", chunk_size)  # fmt: skip
+    need = (need_h, need_w, need_b and b_s is not None)
+    _, _, _, gh, gw, gb = _drive(a, need=need, row_scale=dloss.to(torch.float32))
+    return gh, gw, gb
+
+
+def _grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b):
+    R, H, V = h_s.shape[0], h_s.shape[1], w_s.shape[0]
+    return (
+        h_s.new_empty((R, H) if need_h else (0,)),
+        h_s.new_empty((V, H) if need_w else (0,)),
+        h_s.new_empty((V,) if (need_b and b_s is not None) else (0,)),
+    )
+
+
+@_fused_linear_kd_fwd.register_fake
+def _(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta, tail,
+      ignore_index, scale_by_t2, reduction, need_h, need_w, need_b, chunk_size):  # fmt: skip
+    shape = (h_s.shape[0],) if reduction == "none" else ()
+    losses = [h_s.new_empty(shape, dtype=torch.float32) for _ in range(3)]
+    if reduction == "none":
+        need_h = need_w = need_b = False
+    return (*losses, *_grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b))
+
+
+@_fused_linear_kd_bwd.register_fake
+def _(dloss, h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
+      tail, ignore_index, scale_by_t2, need_h, need_w, need_b, chunk_size):  # fmt: skip
+    return _grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b)
+
+
+def _setup_context(ctx, inputs, output):
+    _, soft, hard, gh, gw, gb = output
+    ctx.mark_non_differentiable(soft, hard, gh, gw, gb)
+    ctx.set_materialize_grads(False)
+    ctx.reduction = inputs[17]
+    ctx.need = inputs[18:21]
+    ctx.consumed = False
+    if ctx.reduction == "none":
+        # the recompute needs every input: tensors saved, the rest kept in place
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in inputs]
+        ctx.static = [None if t else x for t, x in zip(ctx.is_tensor, inputs)]
+        ctx.save_for_backward(*[x for x in inputs if isinstance(x, torch.Tensor)])
+        return
+    ctx.save_for_backward(gh, gw, gb)
+    h_s = inputs[0]
+    ctx.denominator = None  # fp16 grad_h defers the "mean" 1/n to backward (see kd_loss)
+    if ctx.reduction == "mean" and not _backend.mean_scale_in_forward(h_s.dtype):
+        ctx.denominator = _backend.reduction_denominator(inputs[8], h_s.shape[0], inputs[15], inputs[9], h_s.device)
+
+
+def _backward(ctx, dloss, dsoft, dhard, dgh, dgw, dgb):
+    nones = (None,) * 19
+    if dloss is None:
+        return (None, None, None, *nones)
+    if ctx.reduction == "none":
+        saved = iter(ctx.saved_tensors)
+        x = [next(saved) if t else v for t, v in zip(ctx.is_tensor, ctx.static)]
+        gh, gw, gb = torch.ops.pykd.fused_linear_kd_bwd(dloss, *x[:17], *x[18:])
+        return (gh if ctx.need[0] else None, gw if ctx.need[1] else None, gb if ctx.need[2] else None, *nones)
+    if ctx.consumed:
+        raise RuntimeError(
+            "pykd.fused_linear_kd_loss: backward ran twice through the same graph; the gradients are "
+            "computed in the forward and scaled in place, so recompute the loss instead of retain_graph=True"
+        )
+    gh, gw, gb = ctx.saved_tensors
+    dh = dloss / ctx.denominator if ctx.denominator is not None else dloss
+    eager = not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in (gh, gw, gb))
+    outs = []
+    for g, d, needed in ((gh, dh, ctx.need[0]), (gw, dloss, ctx.need[1]), (gb, dloss, ctx.need[2])):
+        if not needed or g.numel() == 0:
+            outs.append(None)
+        elif eager:
+            torch.ops.pykd.scale_rows_(g, d)  # in place; a no-op for grad_output == 1
+            outs.append(g)
+        else:
+            outs.append(g * d)
+    ctx.consumed = eager
+    return (*outs, *nones)
+
+
+def _bwd_no_double_backward(ctx, *grads):
+    raise RuntimeError("pykd.fused_linear_kd_loss: double backward is not supported")
+
+
+if has_cpp():
+    torch.library.register_autograd("pykd::fused_linear_kd_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "pykd::fused_linear_kd_bwd",
+        _bwd_no_double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+    )

@@ -1,0 +1,172 @@
+"""``pykd.topk_kd_loss``: distillation from a teacher given as top-K log-probabilities (DESIGN.md §4).
+
+The op ``pykd::topk_kd_loss_fwd`` computes the loss and the gradient with respect to the student logits
+in one launch, like ``pykd::kd_loss_fwd``; backward scales that gradient by grad_output in place.
+CPU tensors run ``csrc/topk_kd_loss.cpp``, CUDA tensors ``kernels/topk_kd_loss.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks
+from ._backend import has_cpp
+from .kd_loss import register_row_loss_autograd, row_loss_fake, row_loss_options
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    tail: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    return_components: bool = False,
+):
+    r"""Forward KL from a teacher known only by its top-K log-probabilities (an inference server's
+    logprobs, an offline dump), fused with hard-label CE.
+
+    Per row, q = softmax(s / T) over the full vocabulary, p_k = exp(teacher_topk_logprobs_k):
+
+    - ``tail=True``: KL over the K entries plus one tail bucket,
+      ``sum_k p_k log(p_k / q_k) + P log(P / Q)`` with P = 1 - sum_k p_k (clamped at 0) the
+      teacher's missing mass and Q the student's mass outside the K indices. Q is summed over the
+      non-K entries themselves, never taken as 1 - sum_k q_k, so it keeps its digits when tiny.
+      There is no tail bucket when K == V or the student has no mass outside K.
+    - ``tail=False``: the teacher renormalized over its K entries, p^ = softmax(logprobs), against
+      the student's full-softmax probabilities at those indices: ``sum_k p^_k log(p^_k / q_k)``.
+
+    ``loss_r = alpha * w * soft_r + (1 - alpha) * hard_r`` as in :func:`pykd.kd_loss` (w = T^2 if
+    ``scale_by_t2``), hard_r the cross-entropy with ``target`` at T = 1.
+
+    Args:
+        student_logits: (..., V) float32/float16/bfloat16.
+        teacher_topk_logprobs: (..., K) float, the teacher's log-probabilities **at the distillation
+            temperature** (log_softmax(t / T), as dumped): T divides only the student's logits.
+            Entries of -inf are probability 0. Treated as a constant (never gets a gradient).
+        teacher_topk_indices: (..., K) int64 vocabulary indices in [0, V), distinct within a row, in
+            any order; 1 <= K <= V. Rows whose target is ``ignore_index`` are not checked (padding
+            positions of a dump may hold anything).
+        target: optional (...) int64 class indices or ``ignore_index``.
+        temperature, alpha, ignore_index, reduction, scale_by_t2, num_items_in_batch,
+        return_components: as in :func:`pykd.kd_loss`.
+        tail: add the tail bucket (True) or renormalize the teacher over K (False).
+
+    Returns:
+        fp32 loss: 0-d, or (...) for ``reduction="none"``; ``(loss, soft, hard)`` with
+        ``return_components``.
+
+    Index and log-probability checks read the tensors (one host sync on CUDA); under
+    ``torch.compile`` they are skipped and invalid indices are ignored by the kernel rather than
+    read out of bounds. The gradient is computed in the forward, as in :func:`pykd.kd_loss`.
+    """
+    _checks.tensor("student_logits", student_logits, float_dtype=True)
+    _checks.tensor("teacher_topk_logprobs", teacher_topk_logprobs, float_dtype=True)
+    _checks.tensor("teacher_topk_indices", teacher_topk_indices)
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(
+            f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}"
+        )
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    temperature, alpha, ignore_index, num_items = row_loss_options(
+        lead,
+        V,
+        student_logits.device,
+        ["student_logits", "teacher_topk_logprobs", "teacher_topk_indices"],
+        [student_logits, teacher_topk_logprobs, teacher_topk_indices],
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        scale_by_t2=scale_by_t2,
+        num_items_in_batch=num_items_in_batch,
+        return_components=return_components,
+    )
+    lp, idx = check_topk(teacher_topk_logprobs, teacher_topk_indices, lead, V, tail, target, ignore_index)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, soft, hard, _ = torch.ops.pykd.topk_kd_loss_fwd(
+        student_logits.reshape(-1, V),
+        lp,
+        idx,
+        None if target is None else target.reshape(-1),
+        num_items,
+        temperature,
+        alpha,
+        tail,
+        ignore_index,
+        scale_by_t2,
+        reduction,
+        compute_grad,
+    )
+    if reduction == "none":
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    if return_components:
+        return loss, soft.detach(), hard.detach()
+    return loss
+
+
+def check_topk(lp, idx, lead, V, tail, target, ignore_index):
+    """Checks the teacher's top-K tensors against rows ``lead`` and vocabulary V; returns them as
+    (rows, K) with each row's indices sorted ascending (the kernels' contract) and the log-probs
+    permuted alike."""
+    _checks.boolean("tail", tail)
+    if idx.dtype != torch.int64:
+        raise TypeError(f"teacher_topk_indices must be int64 (torch.long), got {idx.dtype}")
+    if lp.dim() < 1 or lp.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_topk_logprobs must have shape {(*lead, 'K')} (one row per student row), "
+            f"got {tuple(lp.shape)}"
+        )
+    K = lp.shape[-1]
+    if not 1 <= K <= V:
+        raise ValueError(f"teacher_topk_logprobs must have 1 <= K <= V={V} entries per row, got K={K}")
+    if idx.shape != lp.shape:
+        raise ValueError(
+            f"teacher_topk_indices must have the shape of teacher_topk_logprobs {tuple(lp.shape)}, "
+            f"got {tuple(idx.shape)}"
+        )
+    lp, idx = lp.detach().reshape(-1, K), idx.reshape(-1, K)
+    idx, perm = idx.sort(dim=-1)
+    lp = lp.gather(-1, perm)
+    if not torch.compiler.is_compiling() and lp.numel():
+        rows = target.reshape(-1) != ignore_index if target is not None else None
+        _check_topk_values(lp, idx, V, tail, rows)
+    return lp, idx
+
+
+def _check_topk_values(lp, idx, V, tail, rows):
+    bad_range = (idx[:, 0] < 0) | (idx[:, -1] >= V)
+    bad_dup = (idx[:, 1:] == idx[:, :-1]).any(-1)
+    # log-probabilities: not NaN, not above 0 beyond rounding; with a tail, mass at most 1
+    bad_lp = lp.isnan().any(-1) | (lp > 1e-3).any(-1)
+    if tail:
+        bad_lp |= lp.float().exp().sum(-1) > 1.0 + 1e-3
+    flags = torch.stack([bad_range, bad_dup, bad_lp])
+    if rows is not None:
+        flags = flags & rows
+    any_range, any_dup, any_lp = flags.any(-1).tolist()  # one host sync for all checks
+    if any_range:
+        raise ValueError(f"teacher_topk_indices must be in [0, {V}), found {idx[flags[0]][0].tolist()}")
+    if any_dup:
+        raise ValueError("teacher_topk_indices must be distinct within a row, found a repeated index")
+    if any_lp:
+        raise ValueError(
+            "teacher_topk_logprobs must be log-probabilities: no NaN, <= 0"
+            + (", and their probabilities summing to at most 1 (tail=True)" if tail else "")
+        )
+
+
+if has_cpp():
+    torch.library.register_fake("pykd::topk_kd_loss_fwd")(row_loss_fake)
+    register_row_loss_autograd("topk_kd_loss", target=3, num_items=4, ignore_index=8, reduction=10)
+    if _backend.HAS_TRITON:
+        from .kernels import topk_kd_loss as _ktopk
+
+        _backend.triton_impl("topk_kd_loss_fwd")(_ktopk.topk_kd_loss_fwd)
