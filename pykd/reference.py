@@ -115,6 +115,10 @@ def topk_kd_loss(
         alpha = 0.5 if target is not None else 1.0
     lp = teacher_topk_logprobs.detach().to(s.dtype)
     idx = teacher_topk_indices
+    if target is not None:  # ignored rows may hold anything; give them a harmless teacher
+        keep = (target != ignore_index)[..., None]
+        idx = torch.where(keep, idx, torch.arange(idx.shape[-1], device=idx.device))
+        lp = torch.where(keep, lp, -math.log(idx.shape[-1]))
     log_q = torch.log_softmax(s / T, dim=-1)
     log_qk = log_q.gather(-1, idx)
     if tail:

@@ -84,3 +84,17 @@ def assert_close_to_baseline(actual, expected, baseline, *, dtype, scale=None, n
     assert err <= bound, (
         f"{name}: max error {err:.3g} > 2 x {dtype} eager's {base_err:.3g} + {TOL[dtype][1]} x {scale:.3g}"
     )
+
+
+def assert_close_abs(actual, expected, *, rtol, atol, name="tensor"):
+    """|actual - expected| <= rtol |expected| + atol elementwise, atol absolute (for losses whose
+    error is set by the size of the logits, not of the loss, which may be exactly 0)."""
+    act = torch.as_tensor(actual).detach().to(torch.float64).cpu()
+    exp = torch.as_tensor(expected).detach().to(torch.float64).cpu()
+    assert act.shape == exp.shape, f"{name}: shape {tuple(act.shape)} != expected {tuple(exp.shape)}"
+    err = (act - exp).abs()
+    bad = ~(err <= rtol * exp.abs() + atol)
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())}/{bad.numel()} elements mismatch; worst err {err.max().item():.3g} "
+        f"(rtol {rtol}, atol {atol:.3g})"
+    )
