@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import subprocess
 import sys
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, record_times
+from pykd.benchmarks.common import Recorder, device_name, fresh_process_peak_mb, peak_extra_mb, record_times
 
 TAU = 1.0
 
@@ -93,7 +92,10 @@ def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int)
     if device.type == "cpu":
         # A process's freed memory stays mapped and is reused, so on CPU each peak is taken in a
         # fresh process (DESIGN.md section 7).
-        rec.add(name, "full", "memory", "MB", n, _fresh_process_peak(name, n, q0))
+        B, H, _, D = q0.shape
+        dtype = str(q0.dtype).replace("torch.", "")
+        peak = fresh_process_peak_mb("pykd.benchmarks.bench_attention_kd", [name, B, H, n, D, dtype])
+        rec.add(name, "full", "memory", "MB", n, peak)
     else:
         fresh()
         rec.add(name, "full", "memory", "MB", n, peak_extra_mb(full, device))
@@ -105,14 +107,6 @@ def _inputs(shape, device, dtype):
     torch.manual_seed(0)
     inputs = [torch.randn(shape, device=device).to(dtype) for _ in range(5)]
     return inputs, torch.randn(shape, device=device).to(dtype)
-
-
-def _fresh_process_peak(name: str, n: int, like: torch.Tensor) -> float:
-    B, H, _, D = like.shape
-    cmd = [sys.executable, "-m", "pykd.benchmarks.bench_attention_kd", "--child-memory", name,
-           str(B), str(H), str(n), str(D), str(like.dtype).replace("torch.", "")]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1].split()[-1])
 
 
 def _child_memory(name, B, H, n, D, dtype) -> None:

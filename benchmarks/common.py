@@ -15,6 +15,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -155,6 +156,15 @@ def peak_extra_mb(fn: Callable[[], None], device: torch.device) -> float:
     base = _rss_kb()
     fn()
     return (_rss_hwm_kb() - base) / 1024
+
+
+def fresh_process_peak_mb(module: str, args: list[str]) -> float:
+    """CPU peak memory of a case measured in a fresh process: a process's freed memory stays
+    mapped and is reused, so each CPU peak is taken from its own start (DESIGN.md section 7).
+    Runs ``python -m <module> --child-memory <args>``, which must print the MB last."""
+    cmd = [sys.executable, "-m", module, "--child-memory", *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1].split()[-1])
 
 
 @dataclass

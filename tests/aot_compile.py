@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pykd.kernels import attention_kd, common, kd_loss
+from pykd.kernels import attention_kd, common, kd_loss, topk_kd_loss
 
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 
@@ -57,7 +57,33 @@ def compile_all(arch: int) -> int:
             assert triton.compile(src, target=target).asm.get("cubin")
             print(f"scale_rows {dtype} per_row={per_row}", flush=True)
             n += 1
+    n += compile_topk(target)
     n += compile_attention(target, head_dims=(64, 128) if arch >= 90 else (64,))
+    return n
+
+
+def compile_topk(target) -> int:
+    """topk_kd_loss's row kernel for each dtype and tail mode, at V = 128256 and K = 64."""
+    K = topk_kd_loss
+    n = 0
+    for dtype in ("bfloat16", "float16", "float32"):
+        p = PTR[dtype]
+        sig = {
+            "s_ptr": p, "lp_ptr": "*fp32", "idx_ptr": "*i64", "target_ptr": "*i64", "scale_ptr": "*fp32",
+            "g_ptr": p, "soft_ptr": "*fp32", "hard_ptr": "*fp32", "R": "i32", "V": "i32", "K": "i32",
+            "stride_s": "i32", "stride_k": "i32", "stride_g": "i32", "inv_t": "fp32", "alpha_w": "fp32",
+            "one_minus_alpha": "fp32", "ignore_index": "i32",
+        }  # fmt: skip
+        for tail in (True, False):
+            for has_target, same_t, grad in ((True, False, True), (False, True, False)):
+                cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
+                           BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW)  # fmt: skip
+                src = ASTSource(
+                    fn=K._topk_kd_loss_kernel, signature=dict(sig, **{k: "constexpr" for k in cst}), constexprs=cst
+                )
+                assert triton.compile(src, target=target, options={"num_warps": 8}).asm.get("cubin")
+                print(f"topk_kd_loss {dtype} tail={tail} target={has_target}", flush=True)
+                n += 1
     return n
 
 
