@@ -117,7 +117,6 @@ def gemm_floor(rec: Recorder, inputs, bt: int, device, reps: int) -> None:
 
     four()
     rec.add("gemm_floor", "full", "time", "ms", bt, time_ms(four, device, reps=reps))
-    del g
 
 
 def _child_memory(name, bt, h, v, dtype) -> None:

@@ -93,7 +93,11 @@ def fused_linear_kd_loss(
         hs,
         ws,
         bs,
-        [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)],
+        [
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+            ("teacher_bias", teacher_bias),
+        ],
         dict(
             h_t=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
             w_t=teacher_weight.detach(),
@@ -177,7 +181,9 @@ def _check_linear(who, hidden, weight, bias):
     _checks.tensor(f"{who}_hidden", hidden, float_dtype=True)
     _checks.tensor(f"{who}_weight", weight, float_dtype=True)
     if hidden.dim() < 2:
-        raise ValueError(f"{who}_hidden must have shape (..., H) with at least 2 dims, got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{who}_hidden must have shape (..., H) with at least 2 dims, got {tuple(hidden.shape)}"
+        )
     H = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
         raise ValueError(f"{who}_weight must have shape (V, {H}) (lm_head layout), got {tuple(weight.shape)}")
@@ -210,7 +216,9 @@ def _run(
     chunk_size,
 ):
     V = ws.shape[0]
-    named = [("student_hidden", hs), ("student_weight", ws)] + [(n, t) for n, t in teacher_named if t is not None]
+    named = [("student_hidden", hs), ("student_weight", ws)] + [
+        (n, t) for n, t in teacher_named if t is not None
+    ]
     if bs is not None:
         named.append(("student_bias", bs))
     temperature, alpha, ignore_index, num_items = row_loss_options(
@@ -394,7 +402,9 @@ def _args(
         h_t=h_t,
         w_t=w_t,
         b_t=b_t,
-        w_t32=w_t.float() if (w_t is not None and w_t.device.type == "cpu" and w_t.dtype != torch.float32) else None,
+        w_t32=w_t.float()
+        if (w_t is not None and w_t.device.type == "cpu" and w_t.dtype != torch.float32)
+        else None,
         lp=lp,
         idx=idx,
         target=target,
@@ -518,7 +528,9 @@ def _setup_context(ctx, inputs, output):
     h_s = inputs[0]
     ctx.denominator = None  # fp16 grad_h defers the "mean" 1/n to backward (see kd_loss)
     if ctx.reduction == "mean" and not _backend.mean_scale_in_forward(h_s.dtype):
-        ctx.denominator = _backend.reduction_denominator(inputs[8], h_s.shape[0], inputs[15], inputs[9], h_s.device)
+        ctx.denominator = _backend.reduction_denominator(
+            inputs[8], h_s.shape[0], inputs[15], inputs[9], h_s.device
+        )
 
 
 def _backward(ctx, dloss, dsoft, dhard, dgh, dgw, dgb):

@@ -163,7 +163,9 @@ def row_loss_options(
         if target.dtype != torch.int64:
             raise TypeError(f"target must be int64 (torch.long), got {target.dtype}")
         if target.shape != lead:
-            raise ValueError(f"target must have shape {tuple(lead)} (one entry per row), got {tuple(target.shape)}")
+            raise ValueError(
+                f"target must have shape {tuple(lead)} (one entry per row), got {tuple(target.shape)}"
+            )
         names.append("target")
         tensors.append(target)
     if alpha is None:
@@ -184,7 +186,9 @@ def row_loss_options(
             n = _checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
             num_items = torch.tensor(n, dtype=torch.float32)
         if num_items.device != device and not (num_items.device.type == "cpu" and num_items.dim() == 0):
-            raise ValueError(f"num_items_in_batch must be on {device} or a CPU scalar, got {num_items.device}")
+            raise ValueError(
+                f"num_items_in_batch must be on {device} or a CPU scalar, got {num_items.device}"
+            )
     _checks.same_device(names, tensors)
     if target is not None and _backend.debug() and not torch.compiler.is_compiling():
         _check_target_range(target, V, ignore_index)  # C++ checks CPU targets itself
@@ -202,7 +206,9 @@ def _check_target_range(target: torch.Tensor, V: int, ignore_index: int) -> None
 # ---------------------------------------------------------------- op registration
 
 
-def register_row_loss_autograd(op: str, *, target: int, num_items: int, ignore_index: int, reduction: int) -> None:
+def register_row_loss_autograd(
+    op: str, *, target: int, num_items: int, ignore_index: int, reduction: int
+) -> None:
     """Autograd of a row-loss op ``pykd::<op>(student, ..., compute_grad) -> (loss, soft, hard, grad)``
     whose kernel stores d loss / d student in the forward; the ints are input positions.
 

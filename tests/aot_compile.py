@@ -79,7 +79,9 @@ def compile_topk(target) -> int:
                 cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
                            BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW)  # fmt: skip
                 src = ASTSource(
-                    fn=K._topk_kd_loss_kernel, signature=dict(sig, **{k: "constexpr" for k in cst}), constexprs=cst
+                    fn=K._topk_kd_loss_kernel,
+                    signature=dict(sig, **{k: "constexpr" for k in cst}),
+                    constexprs=cst,
                 )
                 assert triton.compile(src, target=target, options={"num_warps": 8}).asm.get("cubin")
                 print(f"topk_kd_loss {dtype} tail={tail} target={has_target}", flush=True)

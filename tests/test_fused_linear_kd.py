@@ -44,7 +44,10 @@ def make(R, H, V, *, Ht=None, dtype=F32, device="cpu", bias=True, teacher_bias=T
         y = torch.randint(0, V, (R,))
         y[torch.rand(R) < ignore_frac] = -100
         x["y"] = y
-    return {k: (None if v is None else (v.to(dtype) if v.is_floating_point() else v).to(device)) for k, v in x.items()}
+    return {
+        k: (None if v is None else (v.to(dtype) if v.is_floating_point() else v).to(device))
+        for k, v in x.items()
+    }
 
 
 def _leaves(x, names, dtype=None):
@@ -71,7 +74,14 @@ def run(backend, x, go, topk=None, frozen=(), **opts):
             )  # fmt: skip
         else:
             loss, soft, hard = pykd.fused_linear_topk_kd_loss(
-                lv["h"], lv["w"], topk[0], topk[1], x["y"], student_bias=lv["b"], return_components=True, **opts
+                lv["h"],
+                lv["w"],
+                topk[0],
+                topk[1],
+                x["y"],
+                student_bias=lv["b"],
+                return_components=True,
+                **opts,
             )
         loss.backward(go.to(loss.device))
     return loss, soft, hard, {k: (None if v is None else v.grad) for k, v in lv.items()}
@@ -109,7 +119,9 @@ def check(backend, x, go=None, topk=None, frozen=(), **opts):
     logit_size = (Hh @ W.t()).max().item() + 1.0
     T = opts.get("temperature", 1.0)
     w_t2 = T * T if opts.get("scale_by_t2", True) else 1.0
-    atol_loss = 8e-6 * (1 + logit_size / T) * max(w_t2, 1) * (logit_size if opts.get("divergence") == "mse" else 1)
+    atol_loss = (
+        8e-6 * (1 + logit_size / T) * max(w_t2, 1) * (logit_size if opts.get("divergence") == "mse" else 1)
+    )
     for name, a, e in (("loss", loss, rl), ("soft", soft, rs), ("hard", hard, rh)):
         assert a.dtype == F32
         assert_close_abs(a, e, rtol=2e-5, atol=atol_loss, name=name)
@@ -157,7 +169,9 @@ def grad_unit(x, go, opts, logit_size):
 
 def topk_of(x, K, T=1.0):
     """A teacher's top-K log-probabilities from the teacher logits in x."""
-    t = torch.nn.functional.linear(x["ht"].float(), x["wt"].float(), None if x["bt"] is None else x["bt"].float())
+    t = torch.nn.functional.linear(
+        x["ht"].float(), x["wt"].float(), None if x["bt"] is None else x["bt"].float()
+    )
     lp, idx = torch.log_softmax(t / T, -1).topk(K, -1)
     return lp, idx
 
@@ -293,8 +307,10 @@ def test_module(backend):
     assert "divergence='jsd'" in repr(mod)
     with backend():
         a = mod(x["h"], x["w"], x["ht"], x["wt"], x["y"], student_bias=x["b"], teacher_bias=x["bt"])
-        b = pykd.fused_linear_kd_loss(x["h"], x["w"], x["ht"], x["wt"], x["y"], student_bias=x["b"],
-                                      teacher_bias=x["bt"], divergence="jsd", temperature=2.0, chunk_size=4)  # fmt: skip
+        opts = dict(divergence="jsd", temperature=2.0, chunk_size=4)
+        b = pykd.fused_linear_kd_loss(
+            x["h"], x["w"], x["ht"], x["wt"], x["y"], student_bias=x["b"], teacher_bias=x["bt"], **opts
+        )
     assert torch.equal(a, b)
 
 
@@ -310,10 +326,14 @@ def test_module(backend):
     reduction=st.sampled_from(["mean", "sum", "none"]),
 )
 def test_property(backend, R, H, V, chunk, dtype, divergence, bias, with_target, reduction):
-    x = make(R, H, V, Ht=max(1, H - 3), dtype=dtype, device=backend.device, bias=bias, with_target=with_target)
+    x = make(
+        R, H, V, Ht=max(1, H - 3), dtype=dtype, device=backend.device, bias=bias, with_target=with_target
+    )
     if divergence.startswith("topk"):
         K = max(1, V // 3)
-        check(backend, x, topk=topk_of(x, K), tail=divergence == "topk", reduction=reduction, chunk_size=chunk)
+        check(
+            backend, x, topk=topk_of(x, K), tail=divergence == "topk", reduction=reduction, chunk_size=chunk
+        )
     else:
         check(backend, x, divergence=divergence, temperature=2.0, reduction=reduction, chunk_size=chunk)
 
@@ -329,7 +349,9 @@ def test_compile_fullgraph(backend, reduction):
     x = make(9, 16, 19, device=backend.device)
 
     def f(h, w):
-        return pykd.fused_linear_kd_loss(h, w, x["ht"], x["wt"], x["y"], reduction=reduction, chunk_size=4).sum()
+        return pykd.fused_linear_kd_loss(
+            h, w, x["ht"], x["wt"], x["y"], reduction=reduction, chunk_size=4
+        ).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     ha, wa = x["h"].clone().requires_grad_(True), x["w"].clone().requires_grad_(True)
@@ -355,8 +377,26 @@ def test_opcheck(backend):
     cases = [
         (h, w, b, *kd, x["y"], None, "kl", 2.0, 0.5, 0.5, False, -100, True, "mean", True, True, True, 3),
         (h, w, None, *kd, None, None, "jsd", 1.0, 1.0, 0.3, False, -100, True, "sum", True, False, False, 4),
-        (h, w, b, *tk, x["y"], torch.tensor(5.0), "kl", 1.5, 0.2, 0.5, True, -100, False, "none", True, True,
-         True, 2),  # fmt: skip
+        (
+            h,
+            w,
+            b,
+            *tk,
+            x["y"],
+            torch.tensor(5.0),
+            "kl",
+            1.5,
+            0.2,
+            0.5,
+            True,
+            -100,
+            False,
+            "none",
+            True,
+            True,
+            True,
+            2,
+        ),  # fmt: skip
     ]
     with backend():
         for args in cases:
@@ -383,9 +423,19 @@ WT = torch.zeros(10, 6)
         ((H_[0], W_, HT, WT), {}, ValueError, "student_hidden must have shape"),
         ((H_, torch.zeros(10, 7), HT, WT), {}, ValueError, r"student_weight must have shape \(V, 8\)"),
         ((H_, W_, HT, torch.zeros(10, 5)), {}, ValueError, r"teacher_weight must have shape \(V, 6\)"),
-        ((H_, W_, HT, torch.zeros(11, 6)), {}, ValueError, "teacher_weight must have the student's vocabulary"),
+        (
+            (H_, W_, HT, torch.zeros(11, 6)),
+            {},
+            ValueError,
+            "teacher_weight must have the student's vocabulary",
+        ),
         ((H_, W_, torch.zeros(3, 6), WT), {}, ValueError, "teacher_hidden must have the student's leading"),
-        ((H_, W_, HT, WT), {"student_bias": torch.zeros(9)}, ValueError, r"student_bias must have shape \(10,\)"),
+        (
+            (H_, W_, HT, WT),
+            {"student_bias": torch.zeros(9)},
+            ValueError,
+            r"student_bias must have shape \(10,\)",
+        ),
         ((H_, W_, HT, WT), {"teacher_bias": torch.zeros(10).half()}, TypeError, "teacher_bias must have"),
         ((H_, W_, HT, WT), {"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
         ((H_, W_, HT, WT), {"chunk_size": 2.5}, TypeError, "chunk_size must be an int"),
@@ -405,7 +455,11 @@ def test_bad_input(args, kwargs, exc, match):
     [
         (torch.log(torch.full((4, 3), 0.2)), torch.tensor([[0, 1, 1]] * 4), "distinct"),
         (torch.log(torch.full((4, 3), 0.2)), torch.tensor([[0, 1, 10]] * 4), r"\[0, 10\)"),
-        (torch.log(torch.full((3, 3), 0.2)), torch.tensor([[0, 1, 2]] * 3), "teacher_topk_logprobs must have shape"),
+        (
+            torch.log(torch.full((3, 3), 0.2)),
+            torch.tensor([[0, 1, 2]] * 3),
+            "teacher_topk_logprobs must have shape",
+        ),
     ],
 )
 def test_topk_bad_input(lp, idx, match):

@@ -129,7 +129,9 @@ def test_tail_keeps_its_digits(backend):
     idx = torch.stack([torch.randperm(V)[:K] for _ in range(R)])
     s.scatter_(-1, idx, 10.0)
     lp = torch.full((R, K), torch.log(torch.tensor(0.7 / K)).item())
-    loss, _ = check(backend, s.to(backend.device), lp.to(backend.device), idx.to(backend.device), None, tail=True)
+    loss, _ = check(
+        backend, s.to(backend.device), lp.to(backend.device), idx.to(backend.device), None, tail=True
+    )
     assert torch.isfinite(loss) and loss.item() > 10  # 0.3 log(0.3 / ~1e-30)
 
 
