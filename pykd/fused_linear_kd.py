@@ -25,7 +25,7 @@ from .topk_kd_loss import check_topk
 
 # Default chunk: rows whose fp32 logits fill about this many elements (CUDA: large GEMMs; CPU: small
 # enough that the few chunk buffers stay far below the materialized logits).
-_CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 22}
+_CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 24}
 
 
 def fused_linear_kd_loss(
@@ -60,7 +60,7 @@ def fused_linear_kd_loss(
         student_bias, teacher_bias: optional (V,).
         divergence, temperature, alpha, beta, ignore_index, reduction, scale_by_t2,
         num_items_in_batch, return_components: as in :func:`pykd.kd_loss`.
-        chunk_size: rows per chunk; None picks about 2^27 (CUDA) or 2^22 (CPU) logits per chunk.
+        chunk_size: rows per chunk; None picks about 2^27 (CUDA) or 2^24 (CPU) logits per chunk.
 
     Returns:
         fp32 loss: 0-d, or (...) for ``reduction="none"``.
