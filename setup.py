@@ -48,7 +48,7 @@ ext = ext_cls(
 )
 
 setup(
-    packages=["pykd", "pykd.nn", "pykd.kernels", "pykd.benchmarks"],
+    packages=["pykd", "pykd.nn", "pykd.integrations", "pykd.kernels", "pykd.benchmarks"],
     package_dir={
         "pykd": "pykd",
         "pykd.nn": "pykd/nn",

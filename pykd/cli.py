@@ -1,4 +1,4 @@
-"""The ``pykd`` command: ``pykd bench [op ...]`` and ``pykd info``."""
+"""The ``pykd`` command: ``pykd distill`` (the main job), ``pykd bench [op ...]`` and ``pykd info``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     )
     b.add_argument("ops", nargs="*", help=f"ops to benchmark (default: all of {', '.join(BENCHMARKS)})")
     sub.add_parser("info", help="versions, devices and usable backends")
+    d = sub.add_parser("distill", help="the main job: distill all-MiniLM-L6-v2 into a shallower student")
+    from .distill import add_arguments  # noqa: PLC0415
+
+    add_arguments(d)
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = []
     if argv[:1] == ["bench"]:
@@ -57,6 +61,13 @@ def main(argv=None) -> int:
         argv, rest = argv[:i], argv[i:]
     args, more = p.parse_known_args(argv)
     rest = more + rest
+    if args.cmd == "distill":
+        if more:
+            p.error(f"unrecognized arguments: {' '.join(more)}")
+        from .distill import run  # noqa: PLC0415
+
+        run(args)
+        return 0
     if args.cmd == "info":
         for k, v in info().items():
             print(f"{k:>12}: {v}")

