@@ -170,7 +170,7 @@ def main(argv=None):
     p.add_argument("--providers", nargs="+", default=["pykd", "eager", "compile", "liger", "gemm_floor"])
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true", help="one small size, pykd and eager only")
+    p.add_argument("--quick", action="store_true", help="one small size (256 rows), pykd and eager only")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -178,8 +178,8 @@ def main(argv=None):
     args.vocab = args.vocab or (128256 if gpu else 32000)
     args.rows = args.rows or ([1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
     args.reps = args.reps or (10 if gpu else 3)
-    if args.quick:
-        args.rows, args.reps = [min(args.rows)], 3
+    if args.quick:  # 256 rows: a smoke run of the main code path in seconds
+        args.rows, args.reps = [min(256, min(args.rows))], 3
         args.providers = [x for x in args.providers if x in ("pykd", "eager")]
     rec = run(args)
     out = f"{args.out_dir}/{device_name(torch.device(args.device))}"
