@@ -56,8 +56,10 @@ def test_bert_matches_sdpa(backend, with_padding):
     ids, mask = padded_batch()
     if not with_padding:
         mask = torch.ones_like(mask)
-    ref = bert(impl="sdpa")
-    model = _same_weights(ref, bert(impl="pykd"))
+    dev = backend.device
+    ids, mask = ids.to(dev), mask.to(dev)
+    ref = bert(impl="sdpa").to(dev)
+    model = _same_weights(ref, bert(impl="pykd").to(dev))
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
         with backend():
@@ -70,8 +72,10 @@ def test_bert_matches_sdpa(backend, with_padding):
 def test_llama_matches_sdpa(backend, left):
     """Causal, GQA (4 query heads over 2 KV heads), padded batch."""
     ids, mask = padded_batch(left=left)
-    ref = llama(impl="sdpa")
-    model = _same_weights(ref, llama(impl="pykd"))
+    dev = backend.device
+    ids, mask = ids.to(dev), mask.to(dev)
+    ref = llama(impl="sdpa").to(dev)
+    model = _same_weights(ref, llama(impl="pykd").to(dev))
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).logits
         with backend():
