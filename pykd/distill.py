@@ -124,6 +124,8 @@ def load_models(teacher_name: str, student_layers: int, attention: str, device):
         elif int(m.group(1)) in picks:
             mapped[k.replace(m.group(0), f"layer.{picks.index(int(m.group(1)))}.")] = v
     student.load_state_dict(mapped, strict=False)
+    if getattr(student, "pooler", None) is not None:
+        student.pooler = None  # the objective mean-pools; an unused pooler would stall DDP's reducer
     return tok, teacher, student.to(device), picks
 
 

