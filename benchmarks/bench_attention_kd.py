@@ -17,6 +17,7 @@ memory is reported and skipped for larger N.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import sys
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name, fresh_process_peak_mb, peak_extra_mb, record_times
+from pykd.benchmarks.common import (
+    ProviderLoop,
+    Recorder,
+    device_name,
+    fresh_process_peak_mb,
+    peak_extra_mb,
+    record_times,
+)
 
 TAU = 1.0
 
@@ -127,21 +135,15 @@ def run(args, head_dim: int) -> Recorder:
     print(
         f"attention_kd on {device_name(device)}: B={args.batch} H={args.heads} D={head_dim} {args.dtype}, kl"
     )
-    out_of_memory = set()
+    loop = ProviderLoop(device, "N")
     for n in args.seq:
         inputs, go = _inputs((args.batch, args.heads, n, head_dim), device, dtype)
         for name in args.providers:
-            if name in out_of_memory:
-                print(f"  {name:>12} skipped at N={n} (out of memory at a smaller N)")
-                continue
-            try:
-                measure(rec, name, PROVIDERS[name], inputs, go, n, device, args.reps)
-            except torch.OutOfMemoryError:
-                out_of_memory.add(name)
-                print(f"  {name:>12} out of memory at N={n}")
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            loop.run(
+                name,
+                n,
+                functools.partial(measure, rec, name, PROVIDERS[name], inputs, go, n, device, args.reps),
+            )
     return rec
 
 

@@ -18,6 +18,7 @@ reported and skipped for larger BT.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import sys
@@ -26,6 +27,7 @@ import torch
 
 import pykd
 from pykd.benchmarks.common import (
+    ProviderLoop,
     Recorder,
     device_name,
     fresh_process_peak_mb,
@@ -136,23 +138,13 @@ def run(args) -> Recorder:
     rec = Recorder("fused_linear_kd", device, args.dtype, "BT", [])
     print(f"fused_linear_kd on {device_name(device)}: H={args.hidden} V={args.vocab} {args.dtype}, jsd")
     fns = providers(device, args.providers)
-    out_of_memory = set()
+    loop = ProviderLoop(device, "BT")
     for bt in args.rows:
         inputs = _inputs(bt, args.hidden, args.vocab, device, dtype)
         if device.type == "cuda" and "gemm_floor" in args.providers:
             gemm_floor(rec, inputs, bt, device, args.reps)
         for name, fn in fns.items():
-            if name in out_of_memory:
-                print(f"  {name:>10} skipped at BT={bt} (out of memory at a smaller BT)")
-                continue
-            try:
-                measure(rec, name, fn, inputs, bt, device, args.reps, args)
-            except torch.OutOfMemoryError:
-                out_of_memory.add(name)
-                print(f"  {name:>10} out of memory at BT={bt}")
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            loop.run(name, bt, functools.partial(measure, rec, name, fn, inputs, bt, device, args.reps, args))
     return rec
 
 

@@ -158,6 +158,29 @@ def peak_extra_mb(fn: Callable[[], None], device: torch.device) -> float:
     return (_rss_hwm_kb() - base) / 1024
 
 
+class ProviderLoop:
+    """Runs each provider at each size; a provider that runs out of memory is reported and skipped
+    at every larger size."""
+
+    def __init__(self, device: torch.device, x_name: str):
+        self.device, self.x_name, self.out_of_memory = device, x_name, set()
+
+    def run(self, name: str, x_value, measure: Callable[[], None]) -> None:
+        if name in self.out_of_memory:
+            print(
+                f"  {name:>12} skipped at {self.x_name}={x_value} (out of memory at a smaller {self.x_name})"
+            )
+            return
+        try:
+            measure()
+        except torch.OutOfMemoryError:
+            self.out_of_memory.add(name)
+            print(f"  {name:>12} out of memory at {self.x_name}={x_value}")
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def fresh_process_peak_mb(module: str, args: list[str]) -> float:
     """CPU peak memory of a case measured in a fresh process: a process's freed memory stays
     mapped and is reused, so each CPU peak is taken from its own start (DESIGN.md section 7).

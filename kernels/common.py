@@ -45,6 +45,21 @@ def finish_rows(soft, hard, alpha_w, alpha, reduction, n):
 
 
 @triton.jit
+def zero_row(
+    soft_ptr, hard_ptr, g_ptr, row64, stride_g, V, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """A row that counts for nothing (ignored target): exactly 0 loss and 0 gradient."""
+    tl.store(soft_ptr + row64, 0.0)
+    tl.store(hard_ptr + row64, 0.0)
+    if COMPUTE_GRAD:
+        g_row = g_ptr + row64 * stride_g
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            zero = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
 def _scale_rows_kernel(x_ptr, scale_ptr, C, n_elem, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     """x[r, c] *= scale[r] (PER_ROW) or scale[0]; returns at once when a shared scale is exactly 1,
     so the common loss.backward() costs no pass over x."""

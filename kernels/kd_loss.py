@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DIVERGENCES, finish_rows, new_output, row_loss_scale
+from .common import DIVERGENCES, finish_rows, new_output, row_loss_scale, zero_row
 
 # Grid cap: one program per row up to here, then programs stride over rows. CUDA's grid x-limit is
 # far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
@@ -210,15 +210,7 @@ def _kd_loss_kernel(
                         g += ch * (ph - tl.where(offs == y, 1.0, 0.0))
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
         else:
-            # A row that counts for nothing: exactly 0 loss and 0 gradient.
-            tl.store(soft_ptr + row64, 0.0)
-            tl.store(hard_ptr + row64, 0.0)
-            if COMPUTE_GRAD:
-                g_row = g_ptr + row64 * stride_g
-                for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
-                    zero = tl.zeros([BLOCK_V], dtype=tl.float32)
-                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+            zero_row(soft_ptr, hard_ptr, g_ptr, row64, stride_g, V, COMPUTE_GRAD, BLOCK_V)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import finish_rows, new_output, row_loss_scale
+from .common import finish_rows, new_output, row_loss_scale, zero_row
 
 MAX_PROGRAMS = 65535
 MAX_BLOCK_V = 2048  # the tail's membership test holds a (BLOCK_V, KW) compare in registers
@@ -165,14 +165,7 @@ def _topk_kd_loss_kernel(
                     gk += ch * (phk - tl.where(ik == y, 1.0, 0.0))
                 tl.store(g_row + ik, gk.to(g_ptr.dtype.element_ty), mask=k_ok)
         else:
-            tl.store(soft_ptr + row64, 0.0)
-            tl.store(hard_ptr + row64, 0.0)
-            if COMPUTE_GRAD:
-                g_row = g_ptr + row64 * stride_g
-                for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
-                    zero = tl.zeros([BLOCK_V], dtype=tl.float32)
-                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+            zero_row(soft_ptr, hard_ptr, g_ptr, row64, stride_g, V, COMPUTE_GRAD, BLOCK_V)
 
 
 @triton.jit
