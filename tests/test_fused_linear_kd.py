@@ -401,7 +401,7 @@ def test_opcheck(backend):
     with backend():
         for args in cases:
             torch.library.opcheck(torch.ops.pykd.fused_linear_kd_fwd.default, args)
-        dloss = torch.rand(7)
+        dloss = torch.rand(7, device=backend.device)
         bwd = (dloss, x["h"], x["w"], x["b"], *kd, x["y"], None, "kl", 2.0, 0.5, 0.5, False, -100, True,
                True, True, True, 3)  # fmt: skip
         torch.library.opcheck(torch.ops.pykd.fused_linear_kd_bwd.default, bwd)
