@@ -242,8 +242,11 @@ def kd_loss_fwd(
     scale_by_t2: bool,
     reduction: str,
     compute_grad: bool,
+    grad_dtype: torch.dtype | None = None,
 ):
-    """Launch on (R, V) logits. Returns (loss, soft, hard, grad) like the C++ op ``pykd::kd_loss_fwd``."""
+    """Launch on (R, V) logits. Returns (loss, soft, hard, grad) like the C++ op ``pykd::kd_loss_fwd``.
+    grad_dtype (default: the logits') is the dtype the gradient is rounded to once, as it is stored
+    (fused_linear_kd_loss keeps fp32 logits but wants the gradient in its GEMMs' dtype)."""
 
     R, V = student.shape
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -251,7 +254,7 @@ def kd_loss_fwd(
     dev = student.device
     soft = new_output(R, device=dev, dtype=torch.float32)
     hard = new_output(R, device=dev, dtype=torch.float32)
-    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
+    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype)
     n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature
     alpha_w = alpha * w

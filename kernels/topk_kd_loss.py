@@ -198,9 +198,10 @@ def topk_kd_loss_fwd(
     scale_by_t2: bool,
     reduction: str,
     compute_grad: bool,
+    grad_dtype: torch.dtype | None = None,
 ):
     """Launch on (R, V) logits and (R, K) sorted distinct indices. Returns (loss, soft, hard, grad)
-    like the C++ op ``pykd::topk_kd_loss_fwd``."""
+    like the C++ op ``pykd::topk_kd_loss_fwd``; grad_dtype as in ``kd_loss_fwd``."""
     R, V = student.shape
     K = topk_indices.shape[1]
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -209,7 +210,7 @@ def topk_kd_loss_fwd(
     dev = student.device
     soft = new_output(R, device=dev, dtype=torch.float32)
     hard = new_output(R, device=dev, dtype=torch.float32)
-    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=student.dtype)
+    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype)
     n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
     alpha_w = alpha * (temperature * temperature if scale_by_t2 else 1.0)
     if R > 0 and V > 0:

@@ -100,7 +100,9 @@ def triton_on_cpu():
     require_cpp()
     if not (HAS_TRITON and interpreting()):
         raise RuntimeError("triton_on_cpu needs triton and TRITON_INTERPRET=1 set before import")
+    global _CPU_TO_TRITON
     lib = torch.library.Library("pykd", "IMPL")
+    _CPU_TO_TRITON += 1
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
@@ -108,7 +110,22 @@ def triton_on_cpu():
                 lib.impl(op, fn, "CPU")
         yield
     finally:
+        _CPU_TO_TRITON -= 1
         lib._destroy()
+
+
+_CPU_TO_TRITON = 0
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether pykd's ops on ``device`` run the Triton kernels: CUDA, or CPU inside triton_on_cpu."""
+    return device.type == "cuda" or (device.type == "cpu" and _CPU_TO_TRITON > 0)
+
+
+def triton_launcher(op: str) -> Callable:
+    """The Triton launcher registered for ``pykd::<op>``, for callers that pass it launcher-only
+    options (the ops' schemas stay those of the C++ kernels)."""
+    return _TRITON_IMPLS[op]
 
 
 _DEBUG = os.environ.get("PYKD_DEBUG", "0") == "1"

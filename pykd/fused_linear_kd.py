@@ -292,11 +292,17 @@ def _logits_f32(h, w, b, w32):
     return out.add_(b) if b is not None else out
 
 
-def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items):
-    """The row kernel on one chunk's fp32 logits: (loss, soft, hard, d loss / d logits)."""
+def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype):
+    """The row kernel on one chunk's fp32 logits: (loss, soft, hard, d loss / d logits). Triton
+    stores the gradient in grad_dtype directly (rounded once, no separate cast pass); the C++
+    kernel keeps it fp32 (its CPU caller runs fp32 GEMMs)."""
     tgt = None if a["target"] is None else a["target"][c0:c1]
+    extra = {}
+    if grad_dtype != logits.dtype and _backend.runs_triton(logits.device):
+        extra = dict(grad_dtype=grad_dtype)
     if a["lp"] is not None:
-        return torch.ops.pykd.topk_kd_loss_fwd(
+        op = _backend.triton_launcher("topk_kd_loss_fwd") if extra else torch.ops.pykd.topk_kd_loss_fwd
+        return op(
             logits,
             a["lp"][c0:c1],
             a["idx"][c0:c1],
@@ -309,9 +315,11 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items):
             a["scale_by_t2"],
             reduction,
             compute_grad,
+            **extra,
         )
     t = _logits_f32(a["h_t"][c0:c1], a["w_t"], a["b_t"], a["w_t32"])
-    return torch.ops.pykd.kd_loss_fwd(
+    op = _backend.triton_launcher("kd_loss_fwd") if extra else torch.ops.pykd.kd_loss_fwd
+    return op(
         logits,
         t,
         tgt,
@@ -324,6 +332,7 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items):
         a["scale_by_t2"],
         reduction,
         compute_grad,
+        **extra,
     )
 
 
@@ -349,7 +358,9 @@ def _drive(a, *, need, row_scale=None):
         c1 = min(R, c0 + a["chunk_size"])
         hc = hs[c0:c1]
         logits = _logits_f32(hc, ws, bs, a["w_s32"])
-        loss, soft, hard, g = _row_loss(logits, c0, c1, a, compute_grad, chunk_red, chunk_n)
+        # the GEMMs' dtype straight from the kernel; fp32 when rows are rescaled after (the recompute)
+        g_dtype = dtype if (row_scale is None and a["w_s32"] is None) else f32
+        loss, soft, hard, g = _row_loss(logits, c0, c1, a, compute_grad, chunk_red, chunk_n, g_dtype)
         del logits
         losses.append(loss)
         softs.append(soft)
@@ -359,14 +370,14 @@ def _drive(a, *, need, row_scale=None):
         if row_scale is not None:
             g.mul_(row_scale[c0:c1, None])
         if need[2]:
-            gb32 += g.sum(0)
+            gb32 += g.sum(0, dtype=f32)
         if a["w_s32"] is not None:  # CPU 16-bit: fp32 GEMMs on the fp32 weight copy
             if need[0]:
                 gh[c0:c1] = torch.mm(g, a["w_s32"]).to(dtype)
             if need[1]:
                 gw32.addmm_(g.t(), hc.float())
             continue
-        gl = g if dtype == f32 else g.to(dtype)
+        gl = g if g.dtype == dtype else g.to(dtype)  # already dtype when Triton stored it so
         del g
         if need[0]:
             torch.mm(gl, ws, out=gh[c0:c1])
