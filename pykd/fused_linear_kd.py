@@ -76,7 +76,7 @@ def fused_linear_kd_loss(
         beta = _checks.real("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     else:
         beta = _checks.real("beta", beta)
-    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    ht, wt, bt, _ = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
     hs, ws, bs, lead = _check_linear("student", student_hidden, student_weight, student_bias)
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(
@@ -99,9 +99,9 @@ def fused_linear_kd_loss(
             ("teacher_bias", teacher_bias),
         ],
         dict(
-            h_t=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
-            w_t=teacher_weight.detach(),
-            b_t=None if teacher_bias is None else teacher_bias.detach(),
+            h_t=ht.detach(),
+            w_t=wt.detach(),
+            b_t=None if bt is None else bt.detach(),
             lp=None,
             idx=None,
             divergence=divergence,
@@ -400,22 +400,26 @@ def _drive(a, *, need, row_scale=None):
     return loss, soft, hard, gh, gw, gb
 
 
+def _cpu_f32_copy(w):
+    """The one fp32 copy of a 16-bit CPU weight its GEMMs read (None when the weight serves as is)."""
+    if w is None or w.device.type != "cpu" or w.dtype == torch.float32:
+        return None
+    return w.float()
+
+
 def _args(
     h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
     tail, ignore_index, scale_by_t2, reduction, chunk_size,
 ):  # fmt: skip
-    cpu16 = h_s.device.type == "cpu" and h_s.dtype != torch.float32
     return dict(
         h_s=h_s,
         w_s=w_s,
         b_s=b_s,
-        w_s32=w_s.float() if cpu16 else None,
+        w_s32=_cpu_f32_copy(w_s),
         h_t=h_t,
         w_t=w_t,
         b_t=b_t,
-        w_t32=w_t.float()
-        if (w_t is not None and w_t.device.type == "cpu" and w_t.dtype != torch.float32)
-        else None,
+        w_t32=_cpu_f32_copy(w_t),
         lp=lp,
         idx=idx,
         target=target,

@@ -223,7 +223,7 @@ class AttentionDistiller:
         self._s_index = {id(m): i for i, m in enumerate(self.student_layers)}
         self._t_index = {id(m): i for i, m in enumerate(self.teacher_layers)}
         self._wanted = set(self.layer_map.values())
-        self._kept: dict[int, tuple] = {}
+        self._kept: dict[int, tuple] = {}  # teacher layer -> (q, k, v, scale)
 
     @contextlib.contextmanager
     def teacher_pass(self):
@@ -273,7 +273,7 @@ class _TeacherState:
     def attend(self, module, q, k, v, mask, scaling, causal):
         idx = self.d._t_index.get(id(module))
         if idx is not None and idx in self.d._wanted:
-            self.d._kept[idx] = (q.detach(), k.detach(), v.detach(), scaling, mask, causal)
+            self.d._kept[idx] = (q.detach(), k.detach(), v.detach(), scaling)
         return None  # the teacher's own attention runs as usual
 
 
@@ -301,7 +301,7 @@ class _StudentState:
             raise RuntimeError(
                 f"teacher layer {t_idx} was not captured: run the teacher under teacher_pass()"
             )
-        qt, kt, vt, scale_t, _, _ = self.kept[t_idx]
+        qt, kt, vt, scale_t = self.kept[t_idx]
         d = self.d
         if d.divergence is not None:
             out, loss = _attention_kd(
