@@ -8,6 +8,14 @@
 // Backward recomputes the tile's scores and adds g_i * d row_i / d s_ij to the flash-attention
 // dS = P (dP - Delta); dq is written per tile, dk and dv accumulate in per-task fp32 buffers that are
 // summed at the end (over tasks and over the GQA group), so no two threads write one row.
+//
+// Sparse and quantized students (DESIGN.md section 6): with a block mask the query tile shrinks to
+// the block size, so a tile lies in one block row, and its GEMMs run over the gathered columns of
+// the visible key blocks only (exact: hidden tiles are never computed, forward or backward). A row
+// threshold (row top-k) hides s_ij < theta_i. Quantized forward: s = (cq cq^T) * sq * sk * scale from
+// the int8/fp8 codes and their per-block scales, and P = exp(s - m_i) (m_i the row max) quantized to
+// int8 (round(127 P)) or fp8 e4m3 (448 P) before P V. Backward recomputes the same scores from the
+// codes and multiplies dS by the dequantized q, k (straight through). The teacher's scores are hidden wherever the student's are (renormalized over them).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -44,16 +52,21 @@ Tensor f32(const std::optional<Tensor>& x) {
 // Everything a tile needs, as fp32 contiguous tensors.
 struct Problem {
   Tensor q, k, v, qt, kt, mask;  // v, qt, kt, mask may be undefined
+  Tensor bm, thr;                // block mask (Bm, Hm, nbq, nbk) bool; row threshold (B, H, Nq)
+  Tensor qc, kc, qsc, ksc;       // quantized forward: codes as fp32 and per-block fp32 scales
   std::vector<int64_t> th;       // teacher head of each student head
   Div div;
   bool causal;
   double scale_s, scale_t, inv_tau;
   int64_t B, H, Hkv, Nq, Nk, Ds, Gs, Gt;
+  int64_t bs = 0, tile = kTile;  // block size (mask and quantization); query rows per task
+  int pv = 0;                    // P before P V: 0 as is, 1 int8, 2 fp8 e4m3
 
   Problem(const Tensor& q_, const Tensor& k_, const std::optional<Tensor>& v_,
           const std::optional<Tensor>& qt_, const std::optional<Tensor>& kt_,
           const std::optional<Tensor>& mask_, const std::optional<Tensor>& th_, const std::string& d,
-          bool causal_, double ss, double st, double tau)
+          bool causal_, double ss, double st, double tau, const std::optional<Tensor>& bm_,
+          int64_t bs_, const std::optional<Tensor>& thr_)
       : q(q_.to(at::kFloat).contiguous()),
         k(k_.to(at::kFloat).contiguous()),
         v(f32(v_)),
@@ -86,28 +99,87 @@ struct Problem {
         TORCH_CHECK_VALUE(th[h] >= 0 && th[h] < qt.size(1), "pykd: teacher_heads out of range");
     }
     if (mask_.has_value()) mask = mask_->to(at::kBool).contiguous();
+    bs = bs_;
+    if (bm_.has_value()) {
+      TORCH_CHECK_VALUE(bs > 0 && bm_->dim() == 4, "pykd: block_mask must be 4-D with block_size > 0");
+      bm = bm_->to(at::kBool).contiguous();
+      tile = std::min(kTile, bs);
+    }
+    if (thr_.has_value()) thr = thr_->to(at::kFloat).contiguous();
+  }
+
+  void set_quant(const std::optional<Tensor>& qc_, const std::optional<Tensor>& kc_,
+                 const std::optional<Tensor>& qs_, const std::optional<Tensor>& ks_,
+                 const std::string& pv_format) {
+    if (qc_.has_value()) {
+      TORCH_CHECK_VALUE(kc_.has_value() && qs_.has_value() && ks_.has_value() && bs > 0,
+                        "pykd: quantized q needs k codes, both scales and block_size");
+      qc = qc_->to(at::kFloat).contiguous();
+      kc = kc_->to(at::kFloat).contiguous();
+      qsc = qs_->to(at::kFloat).contiguous();
+      ksc = ks_->to(at::kFloat).contiguous();
+    }
+    if (pv_format == "none") pv = 0;
+    else if (pv_format == "int8") pv = 1;
+    else if (pv_format == "fp8_e4m3") pv = 2;
+    else TORCH_CHECK_VALUE(false, "pykd: pv_format must be none, int8 or fp8_e4m3; got ", pv_format);
   }
 };
 
 struct Tile {
-  Tensor s, t, vis;  // (rows, hi) scores (natural units, -inf where hidden); vis undefined = all
-  int64_t hi;
+  Tensor s, t, vis;  // (rows, n) scores (natural units, -inf where hidden); vis undefined = all
+  Tensor cols;       // the n key indices the tile sees; undefined = [0, n)
+  int64_t n;
+  Tensor take(const Tensor& x) const { return cols.defined() ? x.index_select(0, cols) : x.narrow(0, 0, n); }
+  void addmm(const Tensor& dst, const Tensor& a, const Tensor& b, double alpha = 1.0) const {
+    if (cols.defined()) dst.index_add_(0, cols, at::mm(a, b), alpha);  // dst[cols] += alpha a b
+    else dst.narrow(0, 0, n).addmm_(a, b, 1.0, alpha);
+  }
 };
+
+// The keys a query tile may see: [0, hi) (hi < N_k only when causal), or with a block mask the
+// columns of its block row's visible key blocks below hi.
+void tile_columns(const Problem& P, Tile& T, int64_t b, int64_t h, int64_t m0, int64_t hi) {
+  T.n = hi;
+  if (!P.bm.defined()) return;
+  auto row = P.bm[P.bm.size(0) == 1 ? 0 : b][P.bm.size(1) == 1 ? 0 : h][m0 / P.bs];
+  const bool* r = row.const_data_ptr<bool>();
+  std::vector<int64_t> cols;
+  for (int64_t kb = 0; kb < row.size(0) && kb * P.bs < hi; ++kb)
+    if (r[kb])
+      for (int64_t j = kb * P.bs; j < std::min(hi, (kb + 1) * P.bs); ++j) cols.push_back(j);
+  T.n = static_cast<int64_t>(cols.size());
+  if (T.n < hi) T.cols = at::tensor(cols, at::TensorOptions().dtype(at::kLong));
+}
 
 Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
   Tile T;
-  T.hi = P.causal ? std::min(P.Nk, m0 + rows) : P.Nk;
-  auto K = P.k[b][h / P.Gs].narrow(0, 0, T.hi);
-  T.s = at::mm(P.q[b][h].narrow(0, m0, rows), K.t()).mul_(P.scale_s);
-  if (P.mask.defined()) T.vis = P.mask[b].narrow(0, 0, T.hi).unsqueeze(0).expand({rows, T.hi});
+  tile_columns(P, T, b, h, m0, P.causal ? std::min(P.Nk, m0 + rows) : P.Nk);
+  if (T.n == 0) return T;
+  const int64_t hk = h / P.Gs;
+  if (P.qc.defined()) {  // s = (cq ck^T) sq sk scale: exact integer products for int8 codes
+    auto idx = T.cols.defined() ? T.cols : at::arange(T.n, at::kLong);
+    auto sq = P.qsc[b][h].index_select(0, at::arange(m0, m0 + rows, at::kLong).div_(P.bs, "floor"));
+    auto sk = P.ksc[b][hk].index_select(0, idx.div(P.bs, "floor"));
+    T.s = at::mm(P.qc[b][h].narrow(0, m0, rows), T.take(P.kc[b][hk]).t())
+              .mul_(sq.unsqueeze(1)).mul_(sk.unsqueeze(0)).mul_(P.scale_s);
+  } else {
+    T.s = at::mm(P.q[b][h].narrow(0, m0, rows), T.take(P.k[b][hk]).t()).mul_(P.scale_s);
+  }
+  if (P.mask.defined()) T.vis = T.take(P.mask[b]).unsqueeze(0).expand({rows, T.n});
   if (P.causal) {
-    auto c = at::arange(T.hi, at::kLong).unsqueeze(0) <= at::arange(m0, m0 + rows, at::kLong).unsqueeze(1);
+    auto idx = T.cols.defined() ? T.cols : at::arange(T.n, at::kLong);
+    auto c = idx.unsqueeze(0) <= at::arange(m0, m0 + rows, at::kLong).unsqueeze(1);
+    T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
+  }
+  if (P.thr.defined()) {  // row top-k: keep s_ij >= theta_i
+    auto c = T.s >= P.thr[b][h].narrow(0, m0, rows).unsqueeze(1);
     T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
   }
   if (T.vis.defined()) T.s.masked_fill_(T.vis.logical_not(), -kInf);
   if (P.div != Div::kNone) {
     const int64_t th = P.th[h];
-    auto Kt = P.kt[b][th / P.Gt].narrow(0, 0, T.hi);
+    auto Kt = T.take(P.kt[b][th / P.Gt]);
     T.t = at::mm(P.qt[b][th].narrow(0, m0, rows), Kt.t()).mul_(P.scale_t);
     if (T.vis.defined()) T.t.masked_fill_(T.vis.logical_not(), -kInf);
   }
@@ -149,38 +221,61 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
     const Tensor& q, const Tensor& k, const std::optional<Tensor>& v, const std::optional<Tensor>& q_t,
     const std::optional<Tensor>& k_t, const std::optional<Tensor>& key_padding_mask,
     const std::optional<Tensor>& teacher_heads, const std::string& divergence, bool causal,
-    double scale_s, double scale_t, double temperature) {
+    double scale_s, double scale_t, double temperature, const std::optional<Tensor>& block_mask,
+    int64_t block_size, const std::optional<Tensor>& row_threshold, const std::optional<Tensor>& q_codes,
+    const std::optional<Tensor>& k_codes, const std::optional<Tensor>& q_scale,
+    const std::optional<Tensor>& k_scale, const std::string& pv_format) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
-  const Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s,
-                  scale_t, temperature);
+  Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s, scale_t,
+            temperature, block_mask, block_size, row_threshold);
+  P.set_quant(q_codes, k_codes, q_scale, k_scale, pv_format);
   const auto f = q.options().dtype(at::kFloat);
   const bool has_div = P.div != Div::kNone;
   auto out_f = P.v.defined() ? new_output({P.B, P.H, P.Nq, P.Ds}, f) : Tensor();
   auto lse = new_output({P.B, P.H, P.Nq}, f);
   auto row = new_output(has_div ? at::IntArrayRef{P.B, P.H, P.Nq} : at::IntArrayRef{0}, f);
   auto stats = new_output(has_div ? at::IntArrayRef{P.B, P.H, P.Nq, 3} : at::IntArrayRef{0}, f);
-  const int64_t tiles = (P.Nq + kTile - 1) / kTile;
+  const int64_t tiles = (P.Nq + P.tile - 1) / P.tile;
   const double it = P.inv_tau;
+  const double levels = P.pv == 1 ? 127.0 : 448.0;
   at::parallel_for(0, P.B * P.H * tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView worker_guard;  // dispatch TLS is per thread
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / (P.H * tiles), h = (u / tiles) % P.H, m0 = (u % tiles) * kTile;
-      const int64_t rows = std::min(kTile, P.Nq - m0);
+      const int64_t b = u / (P.H * tiles), h = (u / tiles) % P.H, m0 = (u % tiles) * P.tile;
+      const int64_t rows = std::min(P.tile, P.Nq - m0);
       const Tile T = scores(P, b, h, m0, rows);
+      auto st = has_div ? stats[b][h].narrow(0, m0, rows) : Tensor();
+      if (T.n == 0) {  // the tile sees no key: out 0, lse +inf, loss 0
+        lse[b][h].narrow(0, m0, rows).fill_(kInf);
+        if (P.v.defined()) out_f[b][h].narrow(0, m0, rows).zero_();
+        if (has_div) {
+          row[b][h].narrow(0, m0, rows).zero_();
+          st.narrow(1, 0, 2).fill_(kInf);
+          st.select(1, 2).zero_();
+        }
+        continue;
+      }
       auto [m, has] = safe_max(T.s);
       auto e = (T.s - m).exp_();
       auto l = e.sum(1, true);
       auto l_safe = at::where(has, l, at::ones({}, f));
       lse[b][h].narrow(0, m0, rows).copy_(at::where(has, m + l_safe.log(), kInf).squeeze(1));
       if (P.v.defined()) {
-        auto V = P.v[b][h / P.Gs].narrow(0, 0, T.hi);
-        out_f[b][h].narrow(0, m0, rows).copy_(at::mm(e, V).div_(l_safe));
+        auto V = T.take(P.v[b][h / P.Gs]);
+        if (P.pv == 0) {
+          out_f[b][h].narrow(0, m0, rows).copy_(at::mm(e, V).div_(l_safe));
+        } else {  // P = exp(s - m) in [0, 1] quantized with the fixed scale 127 or 448
+          auto codes = P.pv == 1 ? (e * 127.0).round_() : (e * 448.0).to(at::kFloat8_e4m3fn).to(at::kFloat);
+          out_f[b][h].narrow(0, m0, rows).copy_(at::mm(codes, V).div_(l_safe * levels));
+        }
       }
       if (!has_div) continue;
       Tensor r, ls = at::full({rows, 1}, kInf, f), lt = ls, aux = at::zeros({rows, 1}, f);
       if (P.div == Div::kMSEScores) {
         auto d = where_vis(T, T.s - T.t);
         r = (d * d).sum(1, true);
+        // aux = the row's visible keys, the "mean" denominator under sparsity
+        aux = T.vis.defined() ? T.vis.sum(1, true).to(at::kFloat) : at::full({rows, 1}, double(T.n), f);
       } else {
         auto mt = safe_max(T.t).first;  // the teacher sees the same keys
         auto l_s = ((T.s - m) * it).exp_().sum(1, true);
@@ -204,7 +299,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
         }
       }
       row[b][h].narrow(0, m0, rows).copy_(at::where(has, r, 0.0f).squeeze(1));
-      auto st = stats[b][h].narrow(0, m0, rows);
       st.select(1, 0).copy_(ls.squeeze(1));
       st.select(1, 1).copy_(lt.squeeze(1));
       st.select(1, 2).copy_(at::where(has, aux, 0.0f).squeeze(1));
@@ -221,21 +315,26 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
     const std::optional<Tensor>& k_t, const std::optional<Tensor>& key_padding_mask,
     const std::optional<Tensor>& teacher_heads, const Tensor& out, const Tensor& lse,
     const Tensor& stats, const std::string& divergence, bool causal, double scale_s, double scale_t,
-    double temperature) {
+    double temperature, const std::optional<Tensor>& block_mask, int64_t block_size,
+    const std::optional<Tensor>& row_threshold, bool dense_delta, const std::optional<Tensor>& q_codes,
+    const std::optional<Tensor>& k_codes, const std::optional<Tensor>& q_scale,
+    const std::optional<Tensor>& k_scale) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads,
-                  grad_row.has_value() ? divergence : std::string("none"), causal, scale_s, scale_t,
-                  temperature);
+  Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads,
+            grad_row.has_value() ? divergence : std::string("none"), causal, scale_s, scale_t, temperature,
+            block_mask, block_size, row_threshold);
+  P.set_quant(q_codes, k_codes, q_scale, k_scale, "none");  // the forward's scores, from the codes
   const auto f = q.options().dtype(at::kFloat);
   const bool has_do = grad_out.has_value() && P.v.defined();
   const bool has_div = P.div != Div::kNone;
   Tensor dO, delta, g;
   if (has_do) {
     dO = grad_out->to(at::kFloat).contiguous();
-    delta = (dO * out.to(at::kFloat)).sum(-1, true).contiguous();  // (B, H, Nq, 1)
+    // dense_delta: a quantized-P forward's out is not P V; Delta = sum_j P dP comes from the tiles
+    if (!dense_delta) delta = (dO * out.to(at::kFloat)).sum(-1, true).contiguous();  // (B, H, Nq, 1)
   }
   if (has_div) g = grad_row->to(at::kFloat).contiguous().unsqueeze(-1);
-  const int64_t tiles = (P.Nq + kTile - 1) / kTile;
+  const int64_t tiles = (P.Nq + P.tile - 1) / P.tile;
   // Split each (b, h) into chunks of query tiles so that all threads have work; each task owns
   // fp32 dk/dv buffers, summed below.
   const int64_t bh = P.B * P.H;
@@ -251,19 +350,23 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
       if (!has_do && !has_div) break;
       const int64_t b = u / (P.H * chunks), h = (u / chunks) % P.H, c = u % chunks;
       const int64_t t0 = c * tiles / chunks, t1 = (c + 1) * tiles / chunks;
-      auto dk_acc = dk_part[b][h][c];
       for (int64_t ti = t0; ti < t1; ++ti) {
-        const int64_t m0 = ti * kTile, rows = std::min(kTile, P.Nq - m0);
+        const int64_t m0 = ti * P.tile, rows = std::min(P.tile, P.Nq - m0);
         const Tile T = scores(P, b, h, m0, rows);
+        if (T.n == 0) {
+          dq[b][h].narrow(0, m0, rows).zero_();
+          continue;
+        }
         auto Q = P.q[b][h].narrow(0, m0, rows);
-        auto K = P.k[b][h / P.Gs].narrow(0, 0, T.hi);
-        Tensor ds = at::zeros({rows, T.hi}, f);
+        auto K = T.take(P.k[b][h / P.Gs]);
+        Tensor ds = at::zeros({rows, T.n}, f);
         if (has_do) {
-          auto V = P.v[b][h / P.Gs].narrow(0, 0, T.hi);
+          auto V = T.take(P.v[b][h / P.Gs]);
           auto dOt = dO[b][h].narrow(0, m0, rows);
           auto p = (T.s - lse[b][h].narrow(0, m0, rows).unsqueeze(1)).exp_();
-          dv_part[b][h][c].narrow(0, 0, T.hi).addmm_(p.t(), dOt);
-          ds = p * (at::mm(dOt, V.t()) - delta[b][h].narrow(0, m0, rows));
+          T.addmm(dv_part[b][h][c], p.t(), dOt);
+          auto dp = at::mm(dOt, V.t());
+          ds = p * (dp - (dense_delta ? (p * dp).sum(1, true) : delta[b][h].narrow(0, m0, rows)));
         }
         if (has_div) {
           auto st = stats[b][h].narrow(0, m0, rows);
@@ -272,7 +375,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
           ds.add_(term * g[b][h].narrow(0, m0, rows));
         }
         dq[b][h].narrow(0, m0, rows).copy_(at::mm(ds, K).mul_(P.scale_s));
-        dk_acc.narrow(0, 0, T.hi).addmm_(ds.t(), Q, 1.0, P.scale_s);
+        T.addmm(dk_part[b][h][c], ds.t(), Q, P.scale_s);
       }
     }
   });
@@ -291,12 +394,18 @@ TORCH_LIBRARY_FRAGMENT(pykd, m) {
   m.def(
       "attention_kd_fwd(Tensor q, Tensor k, Tensor? v, Tensor? q_t, Tensor? k_t, "
       "Tensor? key_padding_mask, Tensor? teacher_heads, str divergence, bool causal, float scale_s, "
-      "float scale_t, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale_t, float temperature, Tensor? block_mask=None, int block_size=0, "
+      "Tensor? row_threshold=None, Tensor? q_codes=None, Tensor? k_codes=None, Tensor? q_scale=None, "
+      "Tensor? k_scale=None, str pv_format=\"none\") "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_kd_bwd(Tensor? grad_out, Tensor? grad_row, Tensor q, Tensor k, Tensor? v, "
       "Tensor? q_t, Tensor? k_t, Tensor? key_padding_mask, Tensor? teacher_heads, Tensor out, "
       "Tensor lse, Tensor stats, str divergence, bool causal, float scale_s, float scale_t, "
-      "float temperature) -> (Tensor, Tensor, Tensor)");
+      "float temperature, Tensor? block_mask=None, int block_size=0, Tensor? row_threshold=None, "
+      "bool dense_delta=False, Tensor? q_codes=None, Tensor? k_codes=None, Tensor? q_scale=None, "
+      "Tensor? k_scale=None) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pykd, CPU, m) {

@@ -22,6 +22,19 @@ Backward, FA2-style: one kernel per (key tile, K/V head, batch) for dk, dv (summ
 of its GQA group, so no atomics) and one per (query tile, head, batch) for dq. Each recomputes the
 student and teacher score tiles from the saved statistics and adds g_i * d row_i / d s_ij (the table
 in DESIGN.md section 5) to the flash-attention dS = P (dP - Delta).
+
+Sparse and quantized students (DESIGN.md section 6), one mechanism in all three kernels:
+
+- block mask: each query block row gets the list of its visible key blocks (and each key block the
+  list of its visible query blocks, for dk/dv); tiles shrink to fit in a block and the loops walk
+  only the listed blocks, so hidden tiles cost nothing, forward or backward. Dense = one block [0, N_k).
+- row top-k: a per-row threshold theta_i (the k-th largest visible score, from a pre-pass); scores
+  below it are hidden like masked keys, in s and in t (so the teacher is renormalized over them).
+- quantized forward: s = (cq . ck) sq_i sk_j scale from int8 codes (int32 products) or fp8 e4m3
+  codes, with per-block fp32 scales; P_ij = 2^(s2_ij - m_i) with m_i the row's final max (a max-only
+  pre-sweep), quantized to round(127 P) (int8) or fp8 e4m3 of 448 P, and out = (codes . V) / (l levels).
+  The codes are exact in V's dtype, so only the quantization itself rounds. Backward recomputes the
+  same scores from the codes and multiplies dS by the dequantized q, k (straight-through).
 """
 
 from __future__ import annotations
@@ -103,15 +116,72 @@ def _visible(offs_m, offs_n, row_ok, col_ok, mask_row_ptr, HAS_MASK: tl.constexp
 
 
 @triton.jit
+def _scores(q, k_base, stride_kn, offs_n, col_ok, offs_d, sq, ks_row_ptr, offs_m, row_ok, mask_row_ptr,
+            thr2, qk_scale, QB, D: tl.constexpr, QK_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_THR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """(s, vis): the (BLOCK_M, BLOCK_N) scores in log2 units, -inf where hidden. With QK_Q, q holds
+    the query codes and k_base the key codes; sq are the rows' scales, ks_row_ptr the keys'."""
+    kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                 mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)  # fmt: skip
+    s = _dot_qk(q, kT, QK_Q, PREC)
+    if QK_Q != 0:
+        sk = tl.load(ks_row_ptr + offs_n // QB, mask=col_ok, other=0.0)
+        s = s * sq[:, None] * sk[None, :]
+    s = s * qk_scale
+    vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_row_ptr, HAS_MASK, CAUSAL)
+    if HAS_THR:
+        vis = vis & (s >= thr2[:, None])
+    return tl.where(vis, s, float("-inf")), vis
+
+
+@triton.jit
+def _dot_qk(a, b, QK_Q: tl.constexpr, PREC: tl.constexpr):
+    """a @ b in fp32: int8 codes multiply exactly into int32, fp8 codes into fp32."""
+    if QK_Q == 1:
+        return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+    elif QK_Q == 2:
+        return tl.dot(a, b)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h, blk, NB,
+                HAS_BM: tl.constexpr):  # fmt: skip
+    """(number of listed blocks, pointer to their indices) of block row blk; 1 without a mask."""
+    if HAS_BM:
+        n = tl.load(cnt_ptr + b * stride_cb + h * stride_ch + blk)
+        lst = idx_ptr + b * stride_ib + h * stride_ih + blk * NB
+    else:
+        n = 1
+        lst = idx_ptr
+    return n, lst
+
+
+@triton.jit
+def _block_range(lst, it, lo, hi, BS, HAS_BM: tl.constexpr):
+    """[lo, hi) clipped to the it-th listed block; all of [lo, hi) without a mask."""
+    if HAS_BM:
+        blk = tl.load(lst + it)
+        lo = tl.maximum(lo, blk * BS)
+        hi = tl.minimum(hi, (blk + 1) * BS)
+    return lo, hi
+
+
+@triton.jit
 def _attention_kd_fwd_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr,
+    cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr,
     out_ptr, row_ptr, lse_ptr, stats_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
-    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau,
+    stride_cb, stride_ch, stride_ib, stride_ih,
+    stride_cqb, stride_cqh, stride_cqn, stride_ckb, stride_ckh, stride_ckn,
+    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, BS, NBK, NBQS, NBKS,
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     SAME_TAU: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr, PV_Q: tl.constexpr,
 ):  # fmt: skip
     LN2: tl.constexpr = 0.6931471805599453
     pid_m = tl.program_id(0)
@@ -123,9 +193,24 @@ def _attention_kd_fwd_kernel(
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     row_ok = offs_m < N_Q
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row_off = bh * N_Q + offs_m
+    if QK_Q != 0:  # scores from the codes
+        q = _load_rows(qc_ptr + b * stride_cqb + h * stride_cqh, offs_m, stride_cqn, row_ok, offs_ds, D_S)
+        k_base = kc_ptr + b * stride_ckb + hk * stride_ckh
+        k_stride = stride_ckn
+        sq = tl.load(qs_ptr + bh * NBQS + offs_m // BS, mask=row_ok, other=0.0)
+    else:
+        q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        k_stride = stride_kn
+        sq = tl.zeros([BLOCK_M], tl.float32)  # unused
+    ks_row = ks_ptr + (b * (H // G_S) + hk) * NBKS
+    thr2 = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_THR:
+        thr2 = tl.load(thr_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
     v_base = v_ptr + b * stride_vb + hk * stride_vh
+    mask_row = mask_ptr + b * stride_mb
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
         qt = _load_rows(qt_ptr + b * stride_tqb + th * stride_tqh, offs_m, stride_tqn, row_ok, offs_dt, D_T)
@@ -142,66 +227,85 @@ def _attention_kd_fwd_kernel(
     hi = N_K
     if CAUSAL:
         hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N_K
-        vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
-        kT = tl.load(
-            k_base + offs_n[None, :] * stride_kn + offs_ds[:, None],
-            mask=col_ok[None, :] & (offs_ds < D_S)[:, None],
-            other=0.0,
-        )
-        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_V:
-            v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        if DIV != 0:
-            ktT = tl.load(
-                kt_base + offs_n[None, :] * stride_tkn + offs_dt[:, None],
-                mask=col_ok[None, :] & (offs_dt < D_T)[:, None],
-                other=0.0,
-            )
-            t = tl.dot(qt, ktT, input_precision=PREC) * qk_scale_t
-            t = tl.where(vis, t, float("-inf"))
-            if DIV == 4:
-                d = tl.where(vis, s - t, 0.0)
-                a1 += tl.sum(d * d, 1)
-            else:
-                if SAME_TAU:
-                    ps = p
-                    alpha_s = alpha
+    n_blk, lst = _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
+                             pid_m * BLOCK_M // BS, NBK, HAS_BM)  # fmt: skip
+    if PV_Q != 0:  # P is quantized relative to the row's final max: find it first
+        for it in range(0, n_blk):
+            lo_n, hi_n = _block_range(lst, it, 0, hi, BS, HAS_BM)
+            for start_n in range(lo_n, hi_n, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                s, vis = _scores(q, k_base, k_stride, offs_n, offs_n < N_K, offs_ds, sq, ks_row, offs_m,
+                                 row_ok, mask_row, thr2, qk_scale, BS, D_S, QK_Q, HAS_MASK, CAUSAL,
+                                 HAS_THR, PREC)  # fmt: skip
+                m_i = tl.maximum(m_i, tl.max(s, 1))
+    for it in range(0, n_blk):
+        lo_n, hi_n = _block_range(lst, it, 0, hi, BS, HAS_BM)
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < N_K
+            s, vis = _scores(q, k_base, k_stride, offs_n, col_ok, offs_ds, sq, ks_row, offs_m, row_ok,
+                             mask_row, thr2, qk_scale, BS, D_S, QK_Q, HAS_MASK, CAUSAL, HAS_THR,
+                             PREC)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_V:
+                v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
+                if PV_Q == 1:  # round half to even: 1.5 * 2^23 leaves no fraction bits
+                    pq = (p * 127.0 + 12582912.0) - 12582912.0
+                elif PV_Q == 2:
+                    pq = (p * 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
                 else:
-                    ps = tl.math.exp2((s - m_use[:, None]) * inv_tau)
-                    alpha_s = tl.math.exp2((m_i - m_use) * inv_tau)
-                l_s = l_s * alpha_s + tl.sum(ps, 1)
-                mt_new = tl.maximum(m_t, tl.max(t, 1))
-                mt_use = tl.where(mt_new == float("-inf"), 0.0, mt_new)
-                alpha_t = tl.math.exp2((m_t - mt_use) * inv_tau)
-                pt = tl.math.exp2((t - mt_use[:, None]) * inv_tau)
-                l_t = l_t * alpha_t + tl.sum(pt, 1)
-                if DIV == 1:
-                    a1 = a1 * alpha_t + tl.sum(tl.where(vis, pt * (t - s), 0.0), 1)
-                elif DIV == 2:
-                    a1 = a1 * alpha_s + tl.sum(tl.where(vis, ps * (s - t), 0.0), 1)
+                    pq = p
+                acc = acc * alpha[:, None] + tl.dot(pq.to(v.dtype), v, input_precision=PREC)
+            if DIV != 0:
+                ktT = tl.load(
+                    kt_base + offs_n[None, :] * stride_tkn + offs_dt[:, None],
+                    mask=col_ok[None, :] & (offs_dt < D_T)[:, None],
+                    other=0.0,
+                )
+                t = tl.dot(qt, ktT, input_precision=PREC) * qk_scale_t
+                t = tl.where(vis, t, float("-inf"))
+                if DIV == 4:
+                    d = tl.where(vis, s - t, 0.0)
+                    a1 += tl.sum(d * d, 1)
+                    a2 += tl.sum(vis.to(tl.float32), 1)  # visible keys: the "mean" denominator
                 else:
-                    a1 = a1 * (alpha_s * alpha_s) + tl.sum(ps * ps, 1)
-                    a2 = a2 * (alpha_s * alpha_t) + tl.sum(ps * pt, 1)
-                    a3 = a3 * (alpha_t * alpha_t) + tl.sum(pt * pt, 1)
-                m_t = mt_new
-        m_i = m_new
+                    if SAME_TAU:
+                        ps = p
+                        alpha_s = alpha
+                    else:
+                        ps = tl.math.exp2((s - m_use[:, None]) * inv_tau)
+                        alpha_s = tl.math.exp2((m_i - m_use) * inv_tau)
+                    l_s = l_s * alpha_s + tl.sum(ps, 1)
+                    mt_new = tl.maximum(m_t, tl.max(t, 1))
+                    mt_use = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+                    alpha_t = tl.math.exp2((m_t - mt_use) * inv_tau)
+                    pt = tl.math.exp2((t - mt_use[:, None]) * inv_tau)
+                    l_t = l_t * alpha_t + tl.sum(pt, 1)
+                    if DIV == 1:
+                        a1 = a1 * alpha_t + tl.sum(tl.where(vis, pt * (t - s), 0.0), 1)
+                    elif DIV == 2:
+                        a1 = a1 * alpha_s + tl.sum(tl.where(vis, ps * (s - t), 0.0), 1)
+                    else:
+                        a1 = a1 * (alpha_s * alpha_s) + tl.sum(ps * ps, 1)
+                        a2 = a2 * (alpha_s * alpha_t) + tl.sum(ps * pt, 1)
+                        a3 = a3 * (alpha_t * alpha_t) + tl.sum(pt * pt, 1)
+                    m_t = mt_new
+            m_i = m_new
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
-    row_off = bh * N_Q + offs_m
     tl.store(lse_ptr + row_off, tl.where(has, (m_i + tl.math.log2(l_safe)) * LN2, float("inf")), mask=row_ok)
     if HAS_V:
-        o = acc / l_safe[:, None]
+        if PV_Q == 1:
+            o = acc / (l_safe * 127.0)[:, None]
+        elif PV_Q == 2:
+            o = acc / (l_safe * 448.0)[:, None]
+        else:
+            o = acc / l_safe[:, None]
         tl.store(
             out_ptr + row_off[:, None] * D_S + offs_ds[None, :],
             o.to(out_ptr.dtype.element_ty),
@@ -213,6 +317,7 @@ def _attention_kd_fwd_kernel(
         lse_t = tl.full([BLOCK_M], float("inf"), tl.float32)
         if DIV == 4:
             row = a1 * (LN2 * LN2)
+            aux = a2
         else:
             if SAME_TAU:
                 l_s = l_i
@@ -243,16 +348,19 @@ def _attention_kd_fwd_kernel(
 @triton.jit
 def _attention_kd_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr, do_ptr, lse_ptr, stats_ptr, delta_ptr,
-    grow_ptr, dk_ptr, dv_ptr,
+    grow_ptr, cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
-    stride_dob, stride_doh, stride_don,
-    H, H_KV, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s,
+    stride_dob, stride_doh, stride_don, stride_cb, stride_ch, stride_ib, stride_ih,
+    stride_cqb, stride_cqh, stride_cqn, stride_ckb, stride_ckh, stride_ckn,
+    H, H_KV, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s, BS, NB, NBQS, NBKS,
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr,
 ):  # fmt: skip
-    """dk = scale_s sum_i dS_ij q_i, dv = sum_i P_ij dO_i over the GQA group, in (key, query) tiles."""
+    """dk = scale_s sum_i dS_ij q_i, dv = sum_i P_ij dO_i over the GQA group, in (key, query) tiles.
+    With QK_Q the scores come from the codes, as in the forward."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -268,6 +376,9 @@ def _attention_kd_bwd_dkdv_kernel(
         kvis = kvis & (km != 0)
     dmask_s = col_ok[:, None] & (offs_ds < D_S)[None, :]
     k = _load_rows(k_ptr + b * stride_kb + hk * stride_kh, offs_n, stride_kn, col_ok, offs_ds, D_S)
+    if QK_Q != 0:
+        kc = _load_rows(kc_ptr + b * stride_ckb + hk * stride_ckh, offs_n, stride_ckn, col_ok, offs_ds, D_S)
+        sk = tl.load(ks_ptr + bhk * NBKS + offs_n // BS, mask=col_ok, other=0.0)
     if HAS_V:
         v = _load_rows(v_ptr + b * stride_vb + hk * stride_vh, offs_n, stride_vn, col_ok, offs_ds, D_S)
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
@@ -285,33 +396,46 @@ def _attention_kd_bwd_dkdv_kernel(
             qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
             kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
             kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
-        for start_m in range(lo, N_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < N_Q
-            row_off = bh * N_Q + offs_m
-            q = _load_rows(q_base, offs_m, stride_qn, row_ok, offs_ds, D_S)
-            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-            vis = kvis[:, None] & row_ok[None, :]
-            if CAUSAL:
-                vis = vis & (offs_n[:, None] <= offs_m[None, :])
-            dsT = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            if HAS_DO:
-                lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
-                pT = tl.math.exp2(tl.where(vis, sT, float("-inf")) - lse1[None, :])
-                do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
-                if HAS_V:
-                    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-                dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-                delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
-                dsT = pT * (dpT - delta[None, :])
-            if DIV != 0:
-                gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
-                qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
-                tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
-                ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
-                term = _div_term(sT, tT, ls[None, :], lt[None, :], aux[None, :], inv_tau, DIV)
-                dsT += tl.where(vis, term, 0.0) * gi[None, :]
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        n_blk, lst = _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
+                                 pid_n * BLOCK_N // BS, NB, HAS_BM)  # fmt: skip
+        for it in range(0, n_blk):
+            lo_m, hi_m = _block_range(lst, it, lo, N_Q, BS, HAS_BM)
+            for start_m in range(lo_m, hi_m, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < N_Q
+                row_off = bh * N_Q + offs_m
+                q = _load_rows(q_base, offs_m, stride_qn, row_ok, offs_ds, D_S)
+                if QK_Q != 0:
+                    qc_base = qc_ptr + b * stride_cqb + h * stride_cqh
+                    qc = _load_rows(qc_base, offs_m, stride_cqn, row_ok, offs_ds, D_S)
+                    sq = tl.load(qs_ptr + bh * NBQS + offs_m // BS, mask=row_ok, other=0.0)
+                    sT = _dot_qk(kc, tl.trans(qc), QK_Q, PREC) * sk[:, None] * sq[None, :] * qk_scale
+                else:
+                    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+                vis = kvis[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    vis = vis & (offs_n[:, None] <= offs_m[None, :])
+                if HAS_THR:
+                    thr2 = tl.load(thr_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
+                    vis = vis & (sT >= thr2[None, :])
+                dsT = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                if HAS_DO:
+                    lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
+                    pT = tl.math.exp2(tl.where(vis, sT, float("-inf")) - lse1[None, :])
+                    do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
+                    if HAS_V:
+                        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+                    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+                    delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
+                    dsT = pT * (dpT - delta[None, :])
+                if DIV != 0:
+                    gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
+                    qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
+                    tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
+                    ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
+                    term = _div_term(sT, tT, ls[None, :], lt[None, :], aux[None, :], inv_tau, DIV)
+                    dsT += tl.where(vis, term, 0.0) * gi[None, :]
+                dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
     base = bhk * N_K + offs_n
     tl.store(dk_ptr + base[:, None] * D_S + offs_ds[None, :], (dk * scale_s).to(dk_ptr.dtype.element_ty),
              mask=dmask_s)  # fmt: skip
@@ -323,16 +447,20 @@ def _attention_kd_bwd_dkdv_kernel(
 @triton.jit
 def _attention_kd_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr, do_ptr, lse_ptr, stats_ptr, delta_ptr,
-    grow_ptr, dq_ptr,
+    grow_ptr, cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
-    stride_dob, stride_doh, stride_don,
-    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s,
+    stride_dob, stride_doh, stride_don, stride_cb, stride_ch, stride_ib, stride_ih,
+    stride_cqb, stride_cqh, stride_cqn, stride_ckb, stride_ckh, stride_ckn,
+    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s, BS, NB, NBQS, NBKS,
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, DELTA_ONLY: tl.constexpr, QK_Q: tl.constexpr,
 ):  # fmt: skip
-    """dq = scale_s sum_j dS_ij k_j, in (query, key) tiles."""
+    """dq = scale_s sum_j dS_ij k_j, in (query, key) tiles. DELTA_ONLY: write
+    Delta_i = sum_j P_ij dP_ij to delta_ptr instead (the dense Delta of a quantized-P forward, whose
+    output is not P V)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -348,11 +476,18 @@ def _attention_kd_bwd_dq_kernel(
     q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
+    if QK_Q != 0:
+        qc = _load_rows(qc_ptr + b * stride_cqb + h * stride_cqh, offs_m, stride_cqn, row_ok, offs_ds, D_S)
+        sq = tl.load(qs_ptr + bh * NBQS + offs_m // BS, mask=row_ok, other=0.0)
+        kc_base = kc_ptr + b * stride_ckb + hk * stride_ckh
+        ks_row = ks_ptr + (b * (H // G_S) + hk) * NBKS
     if HAS_DO:
         do_base = do_ptr + b * stride_dob + h * stride_doh
         do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
         lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
-        delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        if not DELTA_ONLY:
+            delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
         qt = _load_rows(qt_ptr + b * stride_tqb + th * stride_tqh, offs_m, stride_tqn, row_ok, offs_dt, D_T)
@@ -363,24 +498,45 @@ def _attention_kd_bwd_dq_kernel(
     hi = N_K
     if CAUSAL:
         hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N_K
-        vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
-        k = _load_rows(k_base, offs_n, stride_kn, col_ok, offs_ds, D_S)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_DO:
-            p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse1[:, None])
-            v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-        if DIV != 0:
-            kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
-            t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
-            term = _div_term(s, t, ls[:, None], lt[:, None], aux[:, None], inv_tau, DIV)
-            ds += tl.where(vis, term, 0.0) * gi[:, None]
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    n_blk, lst = _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
+                             pid_m * BLOCK_M // BS, NB, HAS_BM)  # fmt: skip
+    thr2 = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_THR:
+        thr2 = tl.load(thr_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
+    for it in range(0, n_blk):
+        lo_n, hi_n = _block_range(lst, it, 0, hi, BS, HAS_BM)
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < N_K
+            vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
+            k = _load_rows(k_base, offs_n, stride_kn, col_ok, offs_ds, D_S)
+            if QK_Q != 0:
+                kc = _load_rows(kc_base, offs_n, stride_ckn, col_ok, offs_ds, D_S)
+                sk = tl.load(ks_row + offs_n // BS, mask=col_ok, other=0.0)
+                s = _dot_qk(qc, tl.trans(kc), QK_Q, PREC) * sq[:, None] * sk[None, :] * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if HAS_THR:
+                vis = vis & (s >= thr2[:, None])
+            ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if HAS_DO:
+                p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse1[:, None])
+                v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                if DELTA_ONLY:
+                    delta += tl.sum(p * dp, 1)
+                else:
+                    ds = p * (dp - delta[:, None])
+            if DIV != 0 and not DELTA_ONLY:
+                kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
+                t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
+                term = _div_term(s, t, ls[:, None], lt[:, None], aux[:, None], inv_tau, DIV)
+                ds += tl.where(vis, term, 0.0) * gi[:, None]
+            if not DELTA_ONLY:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    if DELTA_ONLY:
+        tl.store(delta_ptr + row_off, delta, mask=row_ok)
+        return
     tl.store(dq_ptr + row_off[:, None] * D_S + offs_ds[None, :], (dq * scale_s).to(dq_ptr.dtype.element_ty),
              mask=dmask_s)  # fmt: skip
 
@@ -401,7 +557,26 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence):
+def _block_lists(block_mask, block_size, causal, B, H):
+    """Per query block the ascending list of its visible key blocks (cnt (.., nbq), idx (.., nbq, nbk))
+    and per key block the list of its visible query blocks, int32, with the strides of a (B, H)
+    broadcast (0 over a mask's size-1 batch or head dim)."""
+    bm = block_mask
+    if causal:  # key blocks past the diagonal hold nothing visible
+        bm = bm & torch.ones(bm.shape[-2:], dtype=torch.bool, device=bm.device).tril()
+
+    def lists(m):
+        cnt = m.sum(-1, dtype=torch.int32)
+        idx = torch.sort(m.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        cs = cnt.expand(B, H, cnt.shape[-1]).stride()[:2]
+        ids = idx.expand(B, H, *idx.shape[-2:]).stride()[:2]
+        return cnt.contiguous(), idx.contiguous(), cs + ids, m.shape[-1]
+
+    return lists(bm), lists(bm.transpose(-1, -2))
+
+
+def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask=None,
+            block_size=0, row_threshold=None, causal=False):  # fmt: skip
     q, k, v, q_t, k_t = (_last_dim_contiguous(x) for x in (q, k, v, q_t, k_t))
     B, H, N_Q, D_S = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
@@ -414,23 +589,54 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence):
     if key_padding_mask is not None:
         mask = key_padding_mask.contiguous().view(torch.uint8)
     dummy = q  # pointer for absent tensors; never read (the constexpr flags skip it)
+    if block_mask is not None:
+        fwd_lists, bwd_lists = _block_lists(block_mask, block_size, causal, B, H)
+    else:
+        fwd_lists = bwd_lists = (dummy, dummy, (0, 0, 0, 0), 1)
+    thr = row_threshold.contiguous() if row_threshold is not None else dummy
     return dict(
         tensors=(q, k, v if v is not None else dummy, q_t if DIV else dummy, k_t if DIV else dummy,
                  mask if mask is not None else dummy, teacher_heads if DIV else dummy),
         strides=_strides(q) + _strides(k) + _strides(v) + _strides(q_t) + _strides(k_t)
         + ((mask.stride(0),) if mask is not None else (0,)),
         B=B, H=H, H_KV=H_KV, N_Q=N_Q, N_K=N_K, D_S=D_S, D_T=D_T, G_S=H // H_KV, G_T=G_T, DIV=DIV,
+        fwd_lists=fwd_lists, bwd_lists=bwd_lists, thr=thr, BS=max(int(block_size), 1),
         consts=dict(D_S=D_S, D_T=D_T, BLOCK_DS=max(16, triton.next_power_of_2(D_S)),
                     BLOCK_DT=max(16, triton.next_power_of_2(D_T)), DIV=DIV,
-                    HAS_MASK=mask is not None, PREC=_prec(q.dtype)),
+                    HAS_MASK=mask is not None, PREC=_prec(q.dtype), HAS_BM=block_mask is not None,
+                    HAS_THR=row_threshold is not None),
     )  # fmt: skip
 
 
+def _tiles(kernel, c, dev, block_size, has_bm):
+    """The kernel's (BLOCK_M, BLOCK_N, warps, stages); with a block mask a tile fits in one block."""
+    BM, BN, warps, stages = _config(kernel, max(c["D_S"], c["D_T"]), dev)
+    if has_bm:
+        BM, BN = min(BM, block_size), min(BN, block_size)
+    return BM, BN, warps, stages
+
+
+_PV_FORMATS = ("none", "int8", "fp8_e4m3")
+
+
+def _quant_args(q_codes, k_codes, q_scale, k_scale, dummy):
+    """(QK_Q, the four tensors, their strides, NBQS, NBKS) for the kernels; dummies when unquantized."""
+    if q_codes is None:
+        return 0, (dummy, dummy, dummy, dummy), (0,) * 6, 1, 1
+    q_codes, k_codes = _last_dim_contiguous(q_codes), _last_dim_contiguous(k_codes)
+    q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
+    return (1 if q_codes.dtype == torch.int8 else 2, (q_codes, k_codes, q_scale, k_scale),
+            _strides(q_codes) + _strides(k_codes), q_scale.shape[-1], k_scale.shape[-1])  # fmt: skip
+
+
 def attention_kd_fwd(
-    q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s, scale_t, temperature
-):
+    q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s, scale_t, temperature,
+    block_mask=None, block_size=0, row_threshold=None, q_codes=None, k_codes=None, q_scale=None,
+    k_scale=None, pv_format="none",
+):  # fmt: skip
     """Launcher of ``pykd::attention_kd_fwd``: (out, row_loss, lse, stats); see the module docstring."""
-    c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence)
+    c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask, block_size,
+                row_threshold, causal)  # fmt: skip
     B, H, N_Q, D_S, DIV = c["B"], c["H"], c["N_Q"], c["D_S"], c["DIV"]
     dev = q.device
     out = new_output((B, H, N_Q, D_S), device=dev, dtype=q.dtype) if v is not None else q.new_empty(0)
@@ -439,12 +645,16 @@ def attention_kd_fwd(
     stats = new_output((B, H, N_Q, 3) if DIV else (0,), device=dev, dtype=torch.float32)
     if B * H * N_Q == 0:
         return out, row, lse, stats
-    BM, BN, warps, stages = _config("fwd", max(D_S, c["D_T"]), dev)
+    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
+    BM, BN, warps, stages = _tiles("fwd", c, dev, c["BS"], block_mask is not None)
+    cnt, idx, lstrides, nb = c["fwd_lists"]
     grid = (triton.cdiv(N_Q, BM), B * H)
     _attention_kd_fwd_kernel[grid](
-        *c["tensors"], out, row, lse, stats, *c["strides"],
+        *c["tensors"], cnt, idx, c["thr"], *quant, out, row, lse, stats, *c["strides"], *lstrides, *qstrides,
         H, c["G_S"], c["G_T"], N_Q, c["N_K"], scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature,
+        c["BS"], nb, nbqs, nbks,
         HAS_V=v is not None, CAUSAL=causal, SAME_TAU=temperature == 1.0, BLOCK_M=BM, BLOCK_N=BN,
+        QK_Q=QK_Q, PV_Q=_PV_FORMATS.index(pv_format) if v is not None else 0,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
     return out, row, lse, stats
@@ -452,14 +662,17 @@ def attention_kd_fwd(
 
 def attention_kd_bwd(
     grad_out, grad_row, q, k, v, q_t, k_t, key_padding_mask, teacher_heads, out, lse, stats,
-    divergence, causal, scale_s, scale_t, temperature,
+    divergence, causal, scale_s, scale_t, temperature, block_mask=None, block_size=0, row_threshold=None,
+    dense_delta=False, q_codes=None, k_codes=None, q_scale=None, k_scale=None,
 ):  # fmt: skip
     """Launcher of ``pykd::attention_kd_bwd``: (dq, dk, dv). grad_out None skips the attention
-    term, grad_row None the divergence term."""
+    term, grad_row None the divergence term; dense_delta computes Delta = sum_j P dP from the
+    tiles (a quantized-P forward's out is not P V)."""
     if grad_row is None:
         divergence = "none"
-    c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence)
-    B, H, H_KV, N_Q, N_K, D_S = c["B"], c["H"], c["H_KV"], c["N_Q"], c["N_K"], c["D_S"]
+    c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask, block_size,
+                row_threshold, causal)  # fmt: skip
+    B, H, H_KV, N_Q, N_K = c["B"], c["H"], c["H_KV"], c["N_Q"], c["N_K"]
     dev = q.device
     dq = new_output(q.shape, device=dev, dtype=q.dtype)
     dk = new_output(k.shape, device=dev, dtype=k.dtype)
@@ -467,7 +680,11 @@ def attention_kd_bwd(
     has_do = grad_out is not None and v is not None
     if has_do:
         grad_out = _last_dim_contiguous(grad_out)
-        delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+        delta = (
+            torch.empty(lse.shape, device=dev, dtype=torch.float32)
+            if dense_delta
+            else (grad_out.float() * out.float()).sum(-1).contiguous()
+        )
     else:
         grad_out, delta = q, lse  # never read
         if v is not None:
@@ -482,18 +699,32 @@ def attention_kd_bwd(
     stats = stats if c["DIV"] else lse
     args = (*c["tensors"], grad_out, lse, stats, delta, grow)
     dstrides = _strides(grad_out) if has_do else (0, 0, 0)
-    scal = (N_Q, N_K, scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature, scale_s)
-    d = max(D_S, c["D_T"])
-    BM, BN, warps, stages = _config("dkdv", d, dev)
+    scal = (N_Q, N_K, scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature, scale_s, c["BS"])
+    has_bm = block_mask is not None
+    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
+    if has_do and dense_delta:
+        BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
+        cnt, idx, lstrides, nb = c["fwd_lists"]
+        _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
+            *args, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H,
+            c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, HAS_DO=True, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+            DELTA_ONLY=True, QK_Q=QK_Q,
+            num_warps=warps, num_stages=stages, **{**c["consts"], "DIV": 0},
+        )  # fmt: skip
+    BM, BN, warps, stages = _tiles("dkdv", c, dev, c["BS"], has_bm)
+    cnt, idx, lstrides, nb = c["bwd_lists"]
     _attention_kd_bwd_dkdv_kernel[(triton.cdiv(N_K, BN), B * H_KV)](
-        *args, dk, dv, *c["strides"], *dstrides, H, H_KV, c["G_S"], c["G_T"], *scal,
-        HAS_V=v is not None, HAS_DO=has_do, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+        *args, cnt, idx, c["thr"], *quant, dk, dv, *c["strides"], *dstrides, *lstrides, *qstrides, H, H_KV,
+        c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, HAS_V=v is not None, HAS_DO=has_do, CAUSAL=causal,
+        BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
-    BM, BN, warps, stages = _config("dq", d, dev)
+    BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
+    cnt, idx, lstrides, nb = c["fwd_lists"]
     _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
-        *args, dq, *c["strides"], *dstrides, H, c["G_S"], c["G_T"], *scal,
-        HAS_DO=has_do, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+        *args, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H, c["G_S"],
+        c["G_T"], *scal, nb, nbqs, nbks, HAS_DO=has_do, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+        DELTA_ONLY=False, QK_Q=QK_Q,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
     return dq, dk, dv

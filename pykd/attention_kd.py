@@ -16,6 +16,7 @@ import torch
 
 from . import _backend, _checks
 from ._backend import has_cpp
+from .sparse_quant import AttentionSpec, student_args
 
 _DIVERGENCES = ("kl", "reverse_kl", "mse", "mse_scores")
 _MAX_HEAD_DIM = 256
@@ -111,33 +112,20 @@ def _teacher_heads(teacher_heads, H_s: int, H_t: int, device) -> torch.Tensor | 
     return torch.tensor([int(x) for x in teacher_heads], dtype=torch.int64, device=device)
 
 
-def _counted_and_denominator(key_padding_mask, B, H, N_q, N_k, causal, divergence, device):
-    """(B, 1, N_q) bool rows that count (None = all) and the "mean" denominator (0-d fp32, >= 1)."""
-    if key_padding_mask is None:
-        counted = None
-        if divergence == "mse_scores":
-            pairs = N_q * (N_q + 1) // 2 if causal else N_q * N_k
-            n = torch.tensor(float(max(B * H * pairs, 1)), device=device)
-        else:
-            n = torch.tensor(float(max(B * H * N_q, 1)), device=device)
-        return counted, n
-    m = key_padding_mask
-    counted = m[:, None, :] if N_q == N_k else m.any(1, keepdim=True)[:, :, None].expand(B, 1, N_q)
-    if divergence == "mse_scores":
-        seen = m.long().cumsum(1) if causal else m.long().sum(1, keepdim=True).expand(B, N_q)
-        n = (seen * counted[:, 0]).sum() * H
-    else:
-        n = counted.sum() * H
-    return counted, n.clamp_min(1).to(torch.float32)
-
-
-def _reduce(row, counted, n, reduction):
-    if counted is not None:
-        row = torch.where(counted, row, 0.0)
+def _reduce(row, lse, stats, key_padding_mask, N_q, N_k, divergence, reduction):
+    """The reduced loss. A row counts if its query is real and it sees a key (finite lse); "mean"
+    divides by the rows that count, or for "mse_scores" by their visible keys (stats[..., 2])."""
+    counted = lse < float("inf")
+    if key_padding_mask is not None and N_q == N_k:
+        counted = counted & key_padding_mask[:, None, :]
+    row = torch.where(counted, row, 0.0)
     if reduction == "none":
         return row
     total = row.sum()
-    return total / n if reduction == "mean" else total
+    if reduction == "sum":
+        return total
+    n = (stats[..., 2] * counted).sum() if divergence == "mse_scores" else counted.sum()
+    return total / n.clamp_min(1).to(torch.float32)
 
 
 def _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
@@ -183,6 +171,7 @@ def attention_kd(
     temperature: float = 1.0,
     teacher_heads: Sequence[int] | torch.Tensor | None = None,
     reduction: str = "mean",
+    student_spec: AttentionSpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The student's attention output and its attention-map divergence to a teacher, fused.
 
@@ -211,6 +200,9 @@ def attention_kd(
             head. Without it H_s must equal H_t.
         reduction: "mean" over the (b, h, i) rows that count ("mse_scores": over the visible (i, j)
             pairs of those rows), "sum", or "none" ((B, H_s, N_q), rows that don't count 0).
+        student_spec: optional :class:`pykd.AttentionSpec`: the student runs block-sparse, row-top-k
+            and/or quantized attention (DESIGN.md section 6). The divergence is taken over the keys
+            the student sees, the teacher renormalized over them.
 
     A row counts if its query is real and it sees at least one key; others give 0 loss and 0
     gradient, and rows that see no key give out = 0, never NaN.
@@ -220,7 +212,7 @@ def attention_kd(
     """
     _checks.tensor("v_s", v_s, float_dtype=True)
     return _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-                         temperature, teacher_heads, reduction)  # fmt: skip
+                         temperature, teacher_heads, reduction, student_spec)  # fmt: skip
 
 
 def attention_divergence(
@@ -237,26 +229,27 @@ def attention_divergence(
     temperature: float = 1.0,
     teacher_heads: Sequence[int] | torch.Tensor | None = None,
     reduction: str = "mean",
+    student_spec: AttentionSpec | None = None,
 ) -> torch.Tensor:
     """The attention-map divergence of :func:`attention_kd` alone (no V, no output): the same kernels
     without the P·V product. Shapes and options as in :func:`attention_kd`; returns the fp32 loss."""
     return _attention_kd(q_s, k_s, None, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-                         temperature, teacher_heads, reduction)[1]  # fmt: skip
+                         temperature, teacher_heads, reduction, student_spec)[1]  # fmt: skip
 
 
 def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-                  temperature, teacher_heads, reduction):  # fmt: skip
+                  temperature, teacher_heads, reduction, student_spec):  # fmt: skip
     temperature, scale_s, scale_t, th = _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal,
                                                  key_padding_mask, scale_s, scale_t, temperature,
                                                  teacher_heads, reduction)  # fmt: skip
-    out, row, _, _ = torch.ops.pykd.attention_kd_fwd(
-        q_s, k_s, v_s, q_t.detach(), k_t.detach(), key_padding_mask, th, divergence, causal, scale_s,
-        scale_t, temperature,
+    q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
+                                     scale=scale_s, divergence=divergence, name="student_spec")  # fmt: skip
+    out, row, lse, stats = torch.ops.pykd.attention_kd_fwd(
+        q_op, k_op, v_s, q_t.detach(), k_t.detach(), key_padding_mask, th, divergence, causal, scale_s,
+        scale_t, temperature, *extra,
     )  # fmt: skip
-    B, H, N_q, _ = q_s.shape
-    counted, n = _counted_and_denominator(key_padding_mask, B, H, N_q, k_s.shape[2], causal, divergence,
-                                          q_s.device)  # fmt: skip
-    return (out if v_s is not None else None), _reduce(row, counted, n, reduction)
+    loss = _reduce(row, lse, stats, key_padding_mask, q_s.shape[2], k_s.shape[2], divergence, reduction)
+    return (out if v_s is not None else None), loss
 
 
 def attention(
@@ -268,6 +261,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    spec: AttentionSpec | None = None,
 ):
     """Flash attention: ``softmax(scale q k^T) v`` over visible keys, O(N) memory.
 
@@ -279,6 +273,8 @@ def attention(
         scale: default 1/sqrt(D).
         return_lse: also return the fp32 (B, H, N_q) log-sum-exp of the visible scores (+inf for a
             row that sees no key; such a row's output is 0). The lse carries no gradient.
+        spec: optional :class:`pykd.AttentionSpec`: block-sparse, row-top-k and/or quantized
+            attention (DESIGN.md section 6; see :mod:`pykd.sparse_quant`).
 
     Returns:
         out (B, H, N_q, D) in q's dtype, or (out, lse).
@@ -293,8 +289,9 @@ def attention(
     _check_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
     scale = _scale("scale", scale, q.shape[3])
     _backend.require_cpp()
+    q, k, extra = student_args(spec, q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     out, _, lse, _ = torch.ops.pykd.attention_kd_fwd(
-        q, k, v, None, None, key_padding_mask, None, "none", causal, scale, 1.0, 1.0
+        q, k, v, None, None, key_padding_mask, None, "none", causal, scale, 1.0, 1.0, *extra
     )
     return (out, lse) if return_lse else out
 
@@ -349,7 +346,7 @@ def relation_kd(
 # ---------------------------------------------------------------- op registration
 
 
-def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature):
+def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature, *extra):
     B, H, N_q, D = q.shape
     f32 = dict(dtype=torch.float32)
     div = divergence != "none"
@@ -362,7 +359,7 @@ def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t,
 
 
 def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal,
-              scale_s, scale_t, temperature):  # fmt: skip
+              scale_s, scale_t, temperature, *extra):  # fmt: skip
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -371,28 +368,29 @@ def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, 
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature = inputs
+    q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature = inputs[:12]
+    block_mask, block_size, row_threshold, *codes, pv_format = inputs[12:20]
     out, row, lse, stats = output
     ctx.mark_non_differentiable(lse, stats)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, q_t, k_t, mask, th, out, lse, stats)
-    ctx.opts = (divergence, causal, scale_s, scale_t, temperature)
+    ctx.save_for_backward(q, k, v, q_t, k_t, mask, th, out, lse, stats, block_mask, row_threshold, *codes)
+    ctx.opts = (divergence, causal, scale_s, scale_t, temperature, block_size, pv_format != "none")
 
 
 def _fwd_backward(ctx, d_out, d_row, d_lse, d_stats):
-    q, k, v, q_t, k_t, mask, th, out, lse, stats = ctx.saved_tensors
-    divergence, causal, scale_s, scale_t, temperature = ctx.opts
+    q, k, v, q_t, k_t, mask, th, out, lse, stats, block_mask, row_threshold, *codes = ctx.saved_tensors
+    divergence, causal, scale_s, scale_t, temperature, block_size, dense_delta = ctx.opts
     if v is None:
         d_out = None
     if divergence == "none":
         d_row = None
     if d_out is None and d_row is None:
-        return (None,) * 12
+        return (None,) * 20
     dq, dk, dv = torch.ops.pykd.attention_kd_bwd(
         d_out, d_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal, scale_s,
-        scale_t, temperature,
+        scale_t, temperature, block_mask, block_size, row_threshold, dense_delta, *codes,
     )  # fmt: skip
-    return dq, dk, (dv if v is not None else None), None, None, None, None, None, None, None, None, None
+    return (dq, dk, (dv if v is not None else None)) + (None,) * 17
 
 
 def _bwd_setup_context(ctx, inputs, output):

@@ -7,7 +7,7 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = ("kd_loss", "attention_kd", "fused_linear_kd")
+BENCHMARKS = ("kd_loss", "attention_kd", "fused_linear_kd", "sparse_quant")
 
 
 def info() -> dict:

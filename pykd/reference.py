@@ -204,7 +204,59 @@ def _log_softmax_masked(x, vis):
     return torch.where(vis, lp, 0.0)  # hidden entries are never used; keep them finite
 
 
-def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, return_lse=False):
+def _ste(x, value):
+    """value in the forward, the gradient of x in the backward (straight-through)."""
+    return x + (value - x).detach()
+
+
+def student_scores(q, k, scale, vis, spec):
+    """(s, vis) of a student under an :class:`pykd.AttentionSpec` (None = dense), in q's dtype.
+
+    q (B, H, N_q, D), k (B, H, N_k, D) with the heads already matched; vis (B or 1, 1, N_q, N_k).
+    Quantized Q/K: the codes and scales of ``pykd.sparse_quant.quantize_tokens`` dequantized exactly,
+    straight-through. Block mask: hidden blocks leave vis. Row top-k: each row keeps the entries
+    >= its k-th largest visible score.
+    """
+    if spec is not None and spec.qk_format is not None:
+        from .sparse_quant import quantize_tokens
+
+        bs = spec.block_size
+        qc, qs, _ = quantize_tokens(q.detach(), spec.qk_format, bs)
+        # k arrives head-repeated: per-head codes and scales are those of its K/V head
+        kc, ks, _ = quantize_tokens(k.detach(), spec.qk_format, bs, smooth=spec.smooth_k)
+        q = _ste(q, qc.to(q.dtype) * qs.to(q.dtype).repeat_interleave(bs, -1)[..., : q.shape[2], None])
+        k = _ste(k, kc.to(k.dtype) * ks.to(k.dtype).repeat_interleave(bs, -1)[..., : k.shape[2], None])
+    s = scale * q @ k.transpose(-1, -2)
+    if spec is not None and spec.block_mask is not None:
+        bs, (N_q, N_k) = spec.block_size, s.shape[-2:]
+        m = spec.block_mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :N_q, :N_k]
+        vis = vis & m
+    if spec is not None and spec.topk is not None:
+        kk = min(spec.topk, s.shape[-1])
+        kth = s.detach().masked_fill(~vis, float("-inf")).topk(kk, -1).values[..., -1:]
+        vis = vis & (s.detach() >= kth)
+    return s, vis
+
+
+def quantized_softmax_v(s, vis, v, pv_format):
+    """softmax(s) v over vis with P = exp(s - rowmax) quantized before P·V, the normalizer from the
+    unquantized P; pv_format None = plain softmax(s) v. The gradient is that of softmax(s) v
+    (straight-through: dense attention at the same scores)."""
+    dense = _softmax_masked(s, vis) @ v
+    if pv_format is None:
+        return dense
+    from .sparse_quant import pv_levels, quantize_p
+
+    x = s.masked_fill(~vis, float("-inf"))
+    m = x.amax(-1, keepdim=True).detach()
+    has = vis.any(-1, keepdim=True)
+    e = torch.where(vis, torch.exp(x - torch.where(has, m, 0.0)), 0.0)
+    L = pv_levels(pv_format)
+    l_sum = torch.where(has, e.sum(-1, keepdim=True), 1.0)
+    return _ste(dense, (quantize_p(e.detach(), pv_format) @ v.detach()) / (L * l_sum.detach()))
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, return_lse=False, spec=None):
     """Reference of :func:`pykd.attention` (materializes the (N_q, N_k) maps)."""
     B, H, N_q, D = q.shape
     N_k = k.shape[2]
@@ -212,8 +264,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, retur
     k = k.repeat_interleave(H // k.shape[1], 1)
     v = v.repeat_interleave(H // v.shape[1], 1)
     vis = _visible(B, N_q, N_k, causal, key_padding_mask, q.device)
-    s = scale * q @ k.transpose(-1, -2)
-    out = _softmax_masked(s, vis) @ v
+    s, vis = student_scores(q, k, scale, vis, spec)
+    out = quantized_softmax_v(s, vis, v, spec.pv_format if spec is not None else None)
     if not return_lse:
         return out
     lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)
@@ -235,6 +287,7 @@ def attention_kd(
     temperature=1.0,
     teacher_heads=None,
     reduction="mean",
+    student_spec=None,
 ):
     """Reference of :func:`pykd.attention_kd`: (out, loss); out is None when v_s is None."""
     B, H, N_q, D_s = q_s.shape
@@ -248,11 +301,12 @@ def attention_kd(
     th = list(range(H)) if teacher_heads is None else [int(x) for x in teacher_heads]
     qt, kt = q_t[:, th], kt[:, th]
     vis = _visible(B, N_q, N_k, causal, key_padding_mask, q_s.device)
-    s = scale_s * q_s @ ks.transpose(-1, -2)
+    s, vis = student_scores(q_s, ks, scale_s, vis, student_spec)
     t = scale_t * qt @ kt.transpose(-1, -2)
     out = None
     if v_s is not None:
-        out = _softmax_masked(s, vis) @ v_s.repeat_interleave(H // v_s.shape[1], 1)
+        pv = student_spec.pv_format if student_spec is not None else None
+        out = quantized_softmax_v(s, vis, v_s.repeat_interleave(H // v_s.shape[1], 1), pv)
     if divergence == "mse_scores":
         d = torch.where(vis, s - t, 0.0)
         row = (d * d).sum(-1)

@@ -58,7 +58,8 @@ def compile_all(arch: int) -> int:
             print(f"scale_rows {dtype} per_row={per_row}", flush=True)
             n += 1
     n += compile_topk(target)
-    n += compile_attention(target, head_dims=(64, 128) if arch >= 90 else (64,))
+    # fp8 e4m3 needs sm_89+: on sm_80 the quantized variants compile with int8 only
+    n += compile_attention(target, head_dims=(64, 128) if arch >= 90 else (64,), fp8=arch >= 89)
     return n
 
 
@@ -89,42 +90,63 @@ def compile_topk(target) -> int:
     return n
 
 
-def compile_attention(target, head_dims) -> int:
-    """attention_kd's three kernels (bf16, kl, causal + padding) at the launcher's block shapes.
+def compile_attention(target, head_dims, fp8=True) -> int:
+    """attention_kd's three kernels (bf16, kl, causal + padding) at the launcher's block shapes, then
+    the sparse/quantized variants (DESIGN.md section 6) at D = 64: block lists + row threshold in all
+    three, int8 QK with fp8 P and fp8 QK with int8 P in the forward, the dense-Delta pass of dq.
     fp32 variants take ~15 s each on 2 cores, so not every divergence and dtype: those ran on an
     H100 (tests marked gpu)."""
     K = attention_kd
-    floats = {"qk_scale", "qk_scale_t", "inv_tau", "scale_s"}
-    f32_ptrs = {"row_ptr", "lse_ptr", "stats_ptr", "delta_ptr", "grow_ptr"}
     kernels = {
         "fwd": K._attention_kd_fwd_kernel,
         "dkdv": K._attention_kd_bwd_dkdv_kernel,
         "dq": K._attention_kd_bwd_dq_kernel,
     }
+    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False)
+    cases = [(D, name, off, "") for D in head_dims for name in kernels]
+    sparse = dict(off, HAS_BM=True, HAS_THR=True)
+    cases += [
+        (64, "fwd", dict(sparse, QK_Q=1, PV_Q=2 if fp8 else 1), " block+topk int8 QK fp8 P"),
+        (64, "fwd", dict(off, QK_Q=2 if fp8 else 1, PV_Q=1), " fp8 QK int8 P"),
+        (64, "dkdv", sparse, " block+topk"),
+        (64, "dq", sparse, " block+topk"),
+        (64, "dq", dict(sparse, DELTA_ONLY=True), " dense delta"),
+    ]
     n = 0
-    for D in head_dims:
-        for name, kernel in kernels.items():
-            BM, BN, warps, stages = K.CONFIGS[name][64 if D <= 64 else 128]
-            cst = dict(D_S=D, D_T=D, BLOCK_DS=D, BLOCK_DT=D, DIV=K.DIVERGENCES.index("kl"), HAS_MASK=True,
-                       CAUSAL=True, PREC=K._prec(torch.bfloat16), BLOCK_M=BM, BLOCK_N=BN)  # fmt: skip
-            extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True}
-            cst.update({k: v for k, v in extra.items() if k in kernel.arg_names})
-            sig = {}
-            for a in kernel.arg_names:
-                if a in cst:
-                    sig[a] = "constexpr"
-                elif a.endswith("_ptr"):
-                    sig[a] = {"mask_ptr": "*u8", "th_ptr": "*i64"}.get(
-                        a, "*fp32" if a in f32_ptrs else "*bf16"
-                    )
-                else:
-                    sig[a] = "fp32" if a in floats else "i32"
-            src = ASTSource(fn=kernel, signature=sig, constexprs=cst)
-            out = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-            assert out.asm.get("cubin"), "no cubin"
-            print(f"attention_kd {name} bfloat16 D={D} kl", flush=True)
-            n += 1
+    for D, name, flags, label in cases:
+        kernel = kernels[name]
+        BM, BN, warps, stages = K.CONFIGS[name][64 if D <= 64 else 128]
+        if flags["HAS_BM"]:
+            BM, BN = min(BM, 64), min(BN, 64)
+        cst = dict(D_S=D, D_T=D, BLOCK_DS=D, BLOCK_DT=D, DIV=K.DIVERGENCES.index("kl"), HAS_MASK=True,
+                   CAUSAL=True, PREC=K._prec(torch.bfloat16), BLOCK_M=BM, BLOCK_N=BN)  # fmt: skip
+        if flags["DELTA_ONLY"]:
+            cst["DIV"] = 0
+        extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True, **flags}
+        cst.update({k: v for k, v in extra.items() if k in kernel.arg_names})
+        src = ASTSource(fn=kernel, signature=_attention_signature(kernel, cst), constexprs=cst)
+        out = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+        assert out.asm.get("cubin"), "no cubin"
+        print(f"attention_kd {name} bfloat16 D={D} kl{label}", flush=True)
+        n += 1
     return n
+
+
+def _attention_signature(kernel, cst) -> dict:
+    floats = {"qk_scale", "qk_scale_t", "inv_tau", "scale_s"}
+    f32_ptrs = {"row_ptr", "lse_ptr", "stats_ptr", "delta_ptr", "grow_ptr", "thr_ptr", "qs_ptr", "ks_ptr"}
+    codes = {1: "*i8", 2: "*fp8e4nv"}.get(cst.get("QK_Q", 0), "*bf16")
+    ptrs = {"mask_ptr": "*u8", "th_ptr": "*i64", "cnt_ptr": "*i32", "idx_ptr": "*i32", "qc_ptr": codes,
+            "kc_ptr": codes}  # fmt: skip
+    sig = {}
+    for a in kernel.arg_names:
+        if a in cst:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = ptrs.get(a, "*fp32" if a in f32_ptrs else "*bf16")
+        else:
+            sig[a] = "fp32" if a in floats else "i32"
+    return sig
 
 
 if __name__ == "__main__":

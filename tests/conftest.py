@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 
 
 def _interpreter_bf16_fixes() -> None:
-    """Make the interpreter's bf16 behave as a GPU's. It rounds fp32 -> bf16 to nearest even, as
-    the GPU's cvt.rn.bf16.f32 does.
+    """Make the interpreter's bf16 and fp8 behave as a GPU's. It rounds fp32 -> bf16 and fp32 -> fp8
+    e4m3 to nearest even, as the GPU's cvt.rn.bf16.f32 and cvt.rn.satfinite.e4m3x2.f32 do.
 
     Triton's interpreter truncates that conversion (whatever rounding the kernel asks for), which
     would leave interpreted bf16 outputs up to 1 ulp off where the hardware is within 1/2 ulp.
@@ -31,6 +31,11 @@ def _interpreter_bf16_fixes() -> None:
     original = interpreter._convert_float
 
     def convert(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+            # Its fp8 downcast flushes results below fp8's normal range wrongly and rounds ties
+            # up; the GPU's cvt.rn.satfinite rounds to nearest even (pykd's inputs are in range).
+            x = torch.from_numpy(np.ascontiguousarray(input).astype(np.float32))
+            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(np.shape(input))
         if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
             bits = np.ascontiguousarray(input).view(np.uint32).astype(np.uint64)
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
