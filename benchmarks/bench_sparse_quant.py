@@ -7,10 +7,11 @@ mask with exactly round(density * blocks) key blocks per query block row, block 
 (int8 Q/K only); ``sdpa`` (torch scaled_dot_product_attention, dense); on CUDA ``flex``
 (FlexAttention with the same block mask) and ``sage`` (SageAttention, forward only, when installed).
 
-Two sweeps, two CSVs: ``sparse_quant_n`` (x = N at --density) and ``sparse_quant_density``
-(x = density in percent, at --density-n). Accuracy rows (metric ``cosine`` and ``rel_l1``, mode
-``fwd``) compare each provider's output with fp32 dense attention of the same pattern: on normal
-inputs, and (``*_koffset``) with a common offset of 20 added to K.
+Two sweeps, two CSVs: ``sparse_quant_n`` (x = N at --density, every provider) and
+``sparse_quant_density`` (x = density in percent, at --density-n; dense, sparse, sdpa, flex).
+Accuracy rows (metric ``cosine`` and ``rel_l1``, mode ``fwd``) compare each provider's output with
+fp32 dense attention of the same pattern: on normal inputs, and (``*_koffset``) with a common offset
+of 20 added to K.
 
     python benchmarks/bench_sparse_quant.py                 # CPU: B1 H4 D64 fp32
     python benchmarks/bench_sparse_quant.py --device cuda   # GPU: B1 H16 D128 bf16, N 1k..32k
@@ -30,6 +31,7 @@ import pykd
 from pykd.benchmarks.common import ProviderLoop, Recorder, device_name, record_times
 
 BLOCK = 64
+DENSITY_PROVIDERS = ("dense", "sparse", "sdpa", "flex")  # the density sweep's: quantization is dense
 
 
 def block_mask(H: int, N: int, density: float, device) -> torch.Tensor:
@@ -136,6 +138,8 @@ def sweep(args, x_name, points):
         *inputs, go = _inputs((B, H, N, D), device, dtype)
         bm = block_mask(H, N, density, device)
         for name, fn in providers(args, bm, B, H, N, device).items():
+            if x_name == "density_pct" and name not in DENSITY_PROVIDERS:
+                continue
             spec_ref = (
                 pykd.AttentionSpec(block_mask=bm, block_size=BLOCK) if name in ("sparse", "flex") else None
             )

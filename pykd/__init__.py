@@ -6,6 +6,7 @@ CUDA tensors run Triton kernels, CPU tensors run C++ kernels (``pykd._C``); ever
 
 from ._backend import set_debug
 from .attention_kd import attention, attention_divergence, attention_kd, relation_kd
+from .capture import AttentionCapture
 from .fused_linear_kd import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from .kd_loss import kd_loss
 from .sparse_quant import AttentionSpec, quantized_attention, sparse_attention
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 from . import masks, nn, reference  # noqa: E402  (after the ops they wrap)
 
 __all__ = [
+    "AttentionCapture",
     "AttentionSpec",
     "attention",
     "attention_divergence",

@@ -15,7 +15,9 @@ from typing import Sequence
 import torch
 
 from . import _backend, _checks
+from . import capture as _capture
 from ._backend import has_cpp
+from .capture import AttentionCapture
 from .sparse_quant import AttentionSpec, student_args
 
 _DIVERGENCES = ("kl", "reverse_kl", "mse", "mse_scores")
@@ -160,8 +162,8 @@ def attention_kd(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
     v_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
+    q_t: torch.Tensor | None = None,
+    k_t: torch.Tensor | None = None,
     *,
     divergence: str = "kl",
     causal: bool = False,
@@ -172,6 +174,7 @@ def attention_kd(
     teacher_heads: Sequence[int] | torch.Tensor | None = None,
     reduction: str = "mean",
     student_spec: AttentionSpec | None = None,
+    teacher: AttentionCapture | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The student's attention output and its attention-map divergence to a teacher, fused.
 
@@ -203,6 +206,10 @@ def attention_kd(
         student_spec: optional :class:`pykd.AttentionSpec`: the student runs block-sparse, row-top-k
             and/or quantized attention (DESIGN.md section 6). The divergence is taken over the keys
             the student sees, the teacher renormalized over them.
+        teacher: optional :class:`pykd.AttentionCapture` (from ``pykd.attention(..., capture=...)``)
+            in place of q_t, k_t. An "lse" capture carries the teacher's q, k and scale (any
+            divergence); a "topk" capture distills KL(teacher top-k + tail bucket || student) (see
+            :mod:`pykd.capture`; divergence "kl", temperature 1, no sparse student_spec).
 
     A row counts if its query is real and it sees at least one key; others give 0 loss and 0
     gradient, and rows that see no key give out = 0, never NaN.
@@ -212,14 +219,14 @@ def attention_kd(
     """
     _checks.tensor("v_s", v_s, float_dtype=True)
     return _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-                         temperature, teacher_heads, reduction, student_spec)  # fmt: skip
+                         temperature, teacher_heads, reduction, student_spec, teacher)  # fmt: skip
 
 
 def attention_divergence(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
+    q_t: torch.Tensor | None = None,
+    k_t: torch.Tensor | None = None,
     *,
     divergence: str = "kl",
     causal: bool = False,
@@ -230,15 +237,53 @@ def attention_divergence(
     teacher_heads: Sequence[int] | torch.Tensor | None = None,
     reduction: str = "mean",
     student_spec: AttentionSpec | None = None,
+    teacher: AttentionCapture | None = None,
 ) -> torch.Tensor:
     """The attention-map divergence of :func:`attention_kd` alone (no V, no output): the same kernels
     without the P·V product. Shapes and options as in :func:`attention_kd`; returns the fp32 loss."""
     return _attention_kd(q_s, k_s, None, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-                         temperature, teacher_heads, reduction, student_spec)[1]  # fmt: skip
+                         temperature, teacher_heads, reduction, student_spec, teacher)[1]  # fmt: skip
+
+
+def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, temperature, student_spec):
+    """(q_t, k_t, scale_t) of an "lse" capture, or the checked "topk" capture."""
+    if teacher is None:
+        if q_t is None or k_t is None:
+            raise TypeError("attention_kd needs the teacher: q_t and k_t, or teacher=<pykd.AttentionCapture>")
+        return q_t, k_t, scale_t, None
+    if not isinstance(teacher, AttentionCapture):
+        raise TypeError(f"teacher must be a pykd.AttentionCapture, got {type(teacher).__name__}")
+    if q_t is not None or k_t is not None or scale_t is not None:
+        raise ValueError("pass either q_t, k_t (and scale_t) or teacher=<capture>, not both")
+    B, _, N_q, _ = q_s.shape
+    lse = teacher.lse
+    if lse.shape[0] != B or lse.shape[2] != N_q or teacher.num_keys != k_s.shape[2]:
+        raise ValueError(
+            f"teacher capture of (B, H_t, N_q)={tuple(lse.shape)} over {teacher.num_keys} keys does not "
+            f"match the student's B={B}, N_q={N_q}, N_k={k_s.shape[2]}"
+        )
+    if lse.device != q_s.device:
+        raise ValueError(f"teacher capture must be on {q_s.device}, got {lse.device}")
+    if teacher.causal != causal:
+        raise ValueError(f"teacher capture was taken with causal={teacher.causal}; got causal={causal}")
+    if teacher.kind == "lse":
+        return teacher.q, teacher.k, teacher.scale, None
+    if divergence != "kl":
+        raise ValueError(f'a "topk" teacher capture distills divergence="kl" only, got {divergence!r}')
+    if temperature != 1.0:
+        raise ValueError(f'a "topk" teacher capture holds probabilities at temperature 1, got {temperature}')
+    if student_spec is not None and (student_spec.block_mask is not None or student_spec.topk is not None):
+        raise ValueError('a "topk" teacher capture cannot distill a sparse student (block_mask / topk)')
+    return None, None, None, teacher
 
 
 def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-                  temperature, teacher_heads, reduction, student_spec):  # fmt: skip
+                  temperature, teacher_heads, reduction, student_spec, teacher=None):  # fmt: skip
+    q_t, k_t, scale_t, cap = _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence,
+                                              temperature, student_spec)  # fmt: skip
+    if cap is not None:
+        return _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads,
+                                  reduction, student_spec)  # fmt: skip
     temperature, scale_s, scale_t, th = _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal,
                                                  key_padding_mask, scale_s, scale_t, temperature,
                                                  teacher_heads, reduction)  # fmt: skip
@@ -252,6 +297,38 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
     return (out if v_s is not None else None), loss
 
 
+def _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads, reduction,
+                       student_spec):  # fmt: skip
+    """attention_kd against a "topk" capture: the student's output from the attention kernels, the
+    loss from :func:`pykd.capture.topk_capture_rows`."""
+    _check_qkv("_s", q_s, k_s, v_s)
+    B, H_s, N_q, D_s = q_s.shape
+    N_k = k_s.shape[2]
+    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+    _checks.boolean("causal", causal)
+    if causal and N_q != N_k:
+        raise ValueError(f"causal=True needs N_q == N_k, got {N_q} and {N_k}")
+    _check_mask(key_padding_mask, B, N_k, q_s.device)
+    scale_s = _scale("scale_s", scale_s, D_s)
+    th = _teacher_heads(teacher_heads, H_s, cap.heads, q_s.device)
+    out = None
+    if v_s is not None:
+        out = attention(q_s, k_s, v_s, causal=causal, key_padding_mask=key_padding_mask, scale=scale_s,
+                        spec=student_spec)  # fmt: skip
+    q_op, k_op, _ = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
+                                 scale=scale_s, name="student_spec")  # fmt: skip
+    row, seen = _capture.topk_capture_rows(q_op, k_op, cap, scale_s, th, causal=causal,
+                                           key_padding_mask=key_padding_mask)  # fmt: skip
+    counted = seen
+    if key_padding_mask is not None and N_q == N_k:
+        counted = counted & key_padding_mask[:, None, :]
+    row = torch.where(counted, row, 0.0)
+    if reduction == "none":
+        return out, row
+    total = row.sum()
+    return out, (total / counted.sum().clamp_min(1).to(torch.float32) if reduction == "mean" else total)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -262,6 +339,8 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     spec: AttentionSpec | None = None,
+    capture: str | None = None,
+    capture_k: int | None = None,
 ):
     """Flash attention: ``softmax(scale q k^T) v`` over visible keys, O(N) memory.
 
@@ -275,9 +354,13 @@ def attention(
             row that sees no key; such a row's output is 0). The lse carries no gradient.
         spec: optional :class:`pykd.AttentionSpec`: block-sparse, row-top-k and/or quantized
             attention (DESIGN.md section 6; see :mod:`pykd.sparse_quant`).
+        capture: "lse" or "topk" also returns a :class:`pykd.AttentionCapture` of this (dense,
+            teacher) attention for later ``attention_kd(..., teacher=capture)``; see
+            :mod:`pykd.capture`. capture_k: the K of "topk".
 
     Returns:
-        out (B, H, N_q, D) in q's dtype, or (out, lse).
+        out (B, H, N_q, D) in q's dtype, or (out, lse); with capture, (out, capture) or
+        (out, lse, capture).
     """
     _check_qkv("", q, k, v)
     _checks.tensor("v", v, float_dtype=True)
@@ -289,11 +372,22 @@ def attention(
     _check_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
     scale = _scale("scale", scale, q.shape[3])
     _backend.require_cpp()
-    q, k, extra = student_args(spec, q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if capture is not None:
+        _checks.choice("capture", capture, _capture.CAPTURES)
+        if spec is not None:
+            raise ValueError("capture keeps a dense teacher's attention: spec must be None")
+    elif capture_k is not None:
+        raise ValueError('capture_k needs capture="topk"')
+    q_op, k_op, extra = student_args(spec, q, k, causal=causal, key_padding_mask=key_padding_mask,
+                                     scale=scale)  # fmt: skip
     out, _, lse, _ = torch.ops.pykd.attention_kd_fwd(
-        q, k, v, None, None, key_padding_mask, None, "none", causal, scale, 1.0, 1.0, *extra
+        q_op, k_op, v, None, None, key_padding_mask, None, "none", causal, scale, 1.0, 1.0, *extra
     )
-    return (out, lse) if return_lse else out
+    res = (out, lse) if return_lse else (out,)
+    if capture is not None:
+        res += (_capture.capture(capture, q, k, lse, scale, causal=causal, key_padding_mask=key_padding_mask,
+                                 capture_k=capture_k),)  # fmt: skip
+    return res if len(res) > 1 else out
 
 
 def relation_kd(

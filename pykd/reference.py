@@ -356,3 +356,59 @@ def relation_kd(x_s, x_t, num_relation_heads, *, key_padding_mask=None, divergen
         scale_s=1.0 / math.sqrt(xs.shape[-1]), scale_t=1.0 / math.sqrt(xt.shape[-1]),
         temperature=temperature, reduction=reduction,
     )  # fmt: skip
+
+
+def attention_capture_topk(q, k, K, *, causal=False, key_padding_mask=None, scale=None):
+    """Reference of ``pykd.attention(..., capture="topk", capture_k=K)``: (probs, indices) of each
+    row's K largest attention probabilities, descending."""
+    B, H, N_q, D = q.shape
+    N_k = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(H // k.shape[1], 1)
+    vis = _visible(B, N_q, N_k, causal, key_padding_mask, q.device)
+    p = _softmax_masked(scale * q @ k.transpose(-1, -2), vis)
+    top = p.topk(K, -1)
+    return top.values, top.indices
+
+
+def attention_kd_topk(q_s, k_s, v_s, probs, indices, *, causal=False, key_padding_mask=None, scale_s=None,
+                      teacher_heads=None, reduction="mean", student_spec=None):  # fmt: skip
+    """Reference of ``pykd.attention_kd(q_s, k_s, v_s, teacher=<topk capture>)``: (out, loss) with
+    row_i = sum_k p_t,k log(p_t,k / p_s,k) + T log(T / Q), T = 1 - sum_k p_t,k, Q the student's mass
+    outside the K keys (summed directly)."""
+    B, H, N_q, D_s = q_s.shape
+    N_k = k_s.shape[2]
+    scale_s = 1.0 / math.sqrt(D_s) if scale_s is None else scale_s
+    if teacher_heads is not None:
+        th = [int(x) for x in teacher_heads]
+        probs, indices = probs[:, th], indices[:, th]
+    ks = k_s.repeat_interleave(H // k_s.shape[1], 1)
+    vis = _visible(B, N_q, N_k, causal, key_padding_mask, q_s.device)
+    s, vis = student_scores(q_s, ks, scale_s, vis, student_spec)
+    out = None
+    if v_s is not None:
+        pv = student_spec.pv_format if student_spec is not None else None
+        out = quantized_softmax_v(s, vis, v_s.repeat_interleave(H // v_s.shape[1], 1), pv)
+    lps = _log_softmax_masked(s, vis)
+    in_k = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, indices, True)
+    outside = vis & ~in_k
+
+    def lse(mask):  # rows with nothing under mask give 0 (unused), never a NaN gradient
+        return torch.logsumexp(
+            torch.where(mask.any(-1, keepdim=True), s.masked_fill(~mask, float("-inf")), 0.0), -1
+        )
+
+    lq = lse(outside) - lse(vis)
+    p = probs.to(s.dtype)
+    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    pos = p > 0
+    row = torch.where(pos, p * (torch.log(torch.where(pos, p, 1.0)) - lps.gather(-1, indices)), 0.0).sum(-1)
+    use_t = (tail > 0) & outside.any(-1)
+    row = row + torch.where(use_t, tail * (torch.log(torch.where(use_t, tail, 1.0)) - lq), 0.0)
+    counted = _counted_rows(vis, key_padding_mask, N_q, N_k).expand(B, H, N_q)
+    row = torch.where(counted, row, 0.0)
+    if reduction == "none":
+        return out, row
+    if reduction == "sum":
+        return out, row.sum()
+    return out, row.sum() / counted.sum().clamp_min(1)

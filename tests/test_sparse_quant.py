@@ -98,7 +98,15 @@ def scales(q, k, v, qt, kt, go, kw):
 
 def check_spec(backend, spec, *, causal=False, dtype=F32, pad=0.0, **kw):
     # the interpreter runs one batch: the kernels treat batches alike, and it is slow
-    shape = dict(B=kw.pop("B", 1 if backend.interpreted else 2), Nq=kw.pop("Nq", 33), Ds=kw.pop("Ds", 16), Dt=16, dtype=dtype, device=backend.device, pad=pad)
+    shape = dict(
+        B=kw.pop("B", 1 if backend.interpreted else 2),
+        Nq=kw.pop("Nq", 33),
+        Ds=kw.pop("Ds", 16),
+        Dt=16,
+        dtype=dtype,
+        device=backend.device,
+        pad=pad,
+    )
     q, k, v, qt, kt, m = draw(spec, causal=causal, **shape)
     spec = on(backend.device, spec)
     go = torch.randn(q.shape).to(q.dtype).to(q.device)
