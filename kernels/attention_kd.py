@@ -619,12 +619,14 @@ def _tiles(kernel, c, dev, block_size, has_bm):
 _PV_FORMATS = ("none", "int8", "fp8_e4m3")
 
 
-def _quant_args(q_codes, k_codes, q_scale, k_scale, dummy):
-    """(QK_Q, the four tensors, their strides, NBQS, NBKS) for the kernels; dummies when unquantized."""
+def _quant_args(q_codes, k_codes, q_scale, k_scale, dummy, consts):
+    """(QK_Q, the four tensors, their strides, NBQS, NBKS) for the kernels; dummies when unquantized.
+    int8/fp8 tensor-core dots need a reduction dim >= 32: the head dim is padded to it (masked)."""
     if q_codes is None:
         return 0, (dummy, dummy, dummy, dummy), (0,) * 6, 1, 1
     q_codes, k_codes = _last_dim_contiguous(q_codes), _last_dim_contiguous(k_codes)
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
+    consts["BLOCK_DS"] = max(32, consts["BLOCK_DS"])
     return (1 if q_codes.dtype == torch.int8 else 2, (q_codes, k_codes, q_scale, k_scale),
             _strides(q_codes) + _strides(k_codes), q_scale.shape[-1], k_scale.shape[-1])  # fmt: skip
 
@@ -645,7 +647,7 @@ def attention_kd_fwd(
     stats = new_output((B, H, N_Q, 3) if DIV else (0,), device=dev, dtype=torch.float32)
     if B * H * N_Q == 0:
         return out, row, lse, stats
-    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
+    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse, c["consts"])
     BM, BN, warps, stages = _tiles("fwd", c, dev, c["BS"], block_mask is not None)
     cnt, idx, lstrides, nb = c["fwd_lists"]
     grid = (triton.cdiv(N_Q, BM), B * H)
@@ -701,7 +703,7 @@ def attention_kd_bwd(
     dstrides = _strides(grad_out) if has_do else (0, 0, 0)
     scal = (N_Q, N_K, scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature, scale_s, c["BS"])
     has_bm = block_mask is not None
-    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
+    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse, c["consts"])
     if has_do and dense_delta:
         BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
         cnt, idx, lstrides, nb = c["fwd_lists"]

@@ -111,6 +111,7 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         (64, "dkdv", sparse, " block+topk"),
         (64, "dq", sparse, " block+topk"),
         (64, "dq", dict(sparse, DELTA_ONLY=True), " dense delta"),
+        (16, "fwd", dict(off, QK_Q=1, PV_Q=1), " int8 QK at D=16 (head dim padded to 32)"),
     ]
     n = 0
     for D, name, flags, label in cases:
@@ -118,7 +119,8 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         BM, BN, warps, stages = K.CONFIGS[name][64 if D <= 64 else 128]
         if flags["HAS_BM"]:
             BM, BN = min(BM, 64), min(BN, 64)
-        cst = dict(D_S=D, D_T=D, BLOCK_DS=D, BLOCK_DT=D, DIV=K.DIVERGENCES.index("kl"), HAS_MASK=True,
+        block_ds = max(32, D) if flags["QK_Q"] else D  # as the launcher pads it
+        cst = dict(D_S=D, D_T=D, BLOCK_DS=block_ds, BLOCK_DT=D, DIV=K.DIVERGENCES.index("kl"), HAS_MASK=True,
                    CAUSAL=True, PREC=K._prec(torch.bfloat16), BLOCK_M=BM, BLOCK_N=BN)  # fmt: skip
         if flags["DELTA_ONLY"]:
             cst["DIV"] = 0
