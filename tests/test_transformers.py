@@ -255,3 +255,82 @@ def test_distiller_bad_input():
     with pytest.raises(RuntimeError, match="teacher_pass"):
         with d.student_pass():
             pass
+
+
+# ------------------------------------------------------------------ sparse / quantized students
+
+
+def _window_int8(n_q, n_k, device):
+    """A length-dependent spec: 16-token blocks, neighbours only, int8 Q/K."""
+    bm = pykd.masks.sliding_window(n_q, 8, block_size=16, device=device)
+    return pykd.AttentionSpec(block_mask=bm, block_size=16, qk_format="int8")
+
+
+def _reference_attention(spec_fn):
+    """transformers attention function running pykd.reference.attention (float64) under spec_fn."""
+
+    def fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        spec = spec_fn(query.shape[2], key.shape[2], query.device)
+        out = pykd.reference.attention(query.double(), key.double(), value.double(), causal=causal,
+                                       key_padding_mask=attention_mask, scale=scaling, spec=spec)  # fmt: skip
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return fn
+
+
+def test_set_attention_spec_matches_reference(backend):
+    """A model whose layers run a sliding-window, int8 spec equals the same model with each layer's
+    attention computed by pykd.reference under that spec (one layer: its q, k are the same inputs
+    in both, so the int8 codes are too)."""
+    interface, masks_interface, _ = hf._transformers()
+    interface.register("pykd_reference_spec", _reference_attention(_window_int8))
+    masks_interface.register("pykd_reference_spec", hf.padding_mask)
+    ids, mask = padded_batch(N=40)
+    dev = backend.device
+    ids, mask = ids.to(dev), mask.to(dev)
+    ref = bert(layers=1, impl="pykd_reference_spec").to(dev)
+    model = _same_weights(ref, bert(layers=1, impl="pykd").to(dev))
+    hf.set_attention_spec(model, _window_int8)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        with backend():
+            got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hf.set_attention_spec(model, None)
+            dense = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close(got[real], expected[real], atol=2e-5, rtol=2e-5)
+    assert (got[real] - dense[real]).abs().max() > 1e-3  # the spec changed the attention
+    with pytest.raises(TypeError, match="spec must be a pykd.AttentionSpec"):
+        hf.set_attention_spec(model, "int8")
+
+
+def test_distiller_with_quantized_student():
+    """The student's mapped layers run attention_kd with the student's spec: an all-True block mask
+    gives the dense losses exactly; int8 Q/K gives a finite, different loss with gradients."""
+    teacher = bert(layers=2, hidden=64, heads=4, seed=1)
+    student = bert(layers=2, hidden=32, heads=4, seed=2).train()
+    ids, mask = padded_batch(N=20)
+    distiller = hf.AttentionDistiller(student, teacher, layer_map="uniform")
+    losses = {}
+    for name, spec in [
+        ("dense", None),
+        (
+            "all_blocks",
+            pykd.AttentionSpec(block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=16),
+        ),
+        ("int8", pykd.AttentionSpec(qk_format="int8", pv_format="fp8_e4m3", block_size=16)),
+    ]:
+        hf.set_attention_spec(student, spec)
+        student.zero_grad()
+        with distiller.teacher_pass():
+            teacher(input_ids=ids, attention_mask=mask)
+        with distiller.student_pass() as out:
+            student(input_ids=ids, attention_mask=mask)
+        out.attention.backward()
+        losses[name] = out.attention.item()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
+    assert losses["all_blocks"] == losses["dense"]
+    assert (
+        losses["int8"] != losses["dense"] and abs(losses["int8"] - losses["dense"]) < 0.05 * losses["dense"]
+    )

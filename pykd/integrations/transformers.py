@@ -12,6 +12,11 @@ runs pykd's flash attention (``pykd.attention``: GQA, causal, key padding) in ev
 the teacher runs first under ``no_grad`` and its mapped layers keep only their q/k (and v for
 relations); then the student's mapped layers call ``pykd.attention_kd`` on the kept teacher tensors,
 so each mapped layer costs one fused kernel and no model sets ``output_attentions``.
+
+``set_attention_spec(model, spec)`` makes a model's layers run sparse and/or quantized attention
+(a :class:`pykd.AttentionSpec`, or a function of (N_q, N_k, device) returning one, for block masks
+that depend on the sequence length), in plain forward passes and as the student of an
+``AttentionDistiller`` (quantization-aware training against a dense teacher).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from .. import attention as _attention
 from .. import attention_kd as _attention_kd
 from .. import relation_kd as _relation_kd
+from ..sparse_quant import AttentionSpec
 
 NAME = "pykd"
 
@@ -79,6 +85,31 @@ def padding_mask(
     return attention_mask[:, -kv_length:].to(torch.bool)
 
 
+def set_attention_spec(model: torch.nn.Module, spec) -> None:
+    """Run ``model``'s attention layers (those :func:`attention_layers` finds) with ``spec``: a
+    :class:`pykd.AttentionSpec`, a callable ``(n_q, n_k, device) -> AttentionSpec | None`` (e.g. a
+    sliding-window block mask for the batch's length), or None for dense attention again."""
+    if spec is not None and not isinstance(spec, AttentionSpec) and not callable(spec):
+        raise TypeError(f"spec must be a pykd.AttentionSpec, a callable or None, got {type(spec).__name__}")
+    for m in attention_layers(model):
+        if spec is None:
+            m.__dict__.pop("_pykd_spec", None)
+        else:
+            m._pykd_spec = spec
+
+
+def _layer_spec(module, n_q: int, n_k: int, device):
+    spec = getattr(module, "_pykd_spec", None)
+    if spec is None or isinstance(spec, AttentionSpec):
+        return spec
+    out = spec(n_q, n_k, device)
+    if out is not None and not isinstance(out, AttentionSpec):
+        raise TypeError(
+            f"the attention spec function returned {type(out).__name__}, not a pykd.AttentionSpec"
+        )
+    return out
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -119,7 +150,10 @@ def attention_forward(
         out = state.attend(module, query, key, value, attention_mask, scaling, causal)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
-    out = _attention(query, key, value, causal=causal, key_padding_mask=attention_mask, scale=scaling)
+    spec = _layer_spec(module, n_q, n_k, query.device)
+    out = _attention(
+        query, key, value, causal=causal, key_padding_mask=attention_mask, scale=scaling, spec=spec
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -303,15 +337,17 @@ class _StudentState:
             )
         qt, kt, vt, scale_t = self.kept[t_idx]
         d = self.d
+        spec = _layer_spec(module, q.shape[2], k.shape[2], q.device)
         if d.divergence is not None:
             out, loss = _attention_kd(
                 q, k, v, qt, kt, divergence=d.divergence, causal=causal, key_padding_mask=mask,
                 scale_s=scaling, scale_t=scale_t, temperature=d.temperature, teacher_heads=d.teacher_heads,
+                student_spec=spec,
             )  # fmt: skip
             if self.losses is not None:
                 self.losses.attention = self.losses.attention + loss
         else:
-            out = _attention(q, k, v, causal=causal, key_padding_mask=mask, scale=scaling)
+            out = _attention(q, k, v, causal=causal, key_padding_mask=mask, scale=scaling, spec=spec)
         if d.relation_heads is not None:
             for xs, xt in ((q, qt), (k, kt), (v, vt)):
                 rel = _relation_kd(
