@@ -174,7 +174,13 @@ def test_cli_bench_all_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (dev,) = os.listdir(tmp_path)
     names = set(os.listdir(tmp_path / dev))
-    assert {"kd_loss_quick.csv", "attention_kd_d64_quick.csv", "fused_linear_kd_quick.csv"} <= names, names
+    want = {
+        "kd_loss_quick.csv",
+        "attention_kd_d64_quick.csv",
+        "fused_linear_kd_quick.csv",
+        "sparse_quant_n_quick.csv",
+    }
+    assert want <= names, names
 
 
 def test_cli_rejects_unknown_op():
