@@ -520,3 +520,31 @@ def test_bad_use():
 def test_constants():
     assert math.isclose(quantize_p(torch.tensor([1.0]), "int8").item(), 127.0)
     assert math.isclose(quantize_p(torch.tensor([1.0]), "fp8_e4m3").item(), 448.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bs", [64, 128])
+def test_gpu_real_sizes(D, bs):
+    """Real tiles and tensor-core int8 dots on the GPU: block mask + row top-k + int8 Q/K, bf16, GQA,
+    causal and padding, N not a multiple of the blocks (P unquantized: at this size some P entry
+    always lies within rounding of a code boundary; small-N tests cover quantized P)."""
+    from conftest import Backend
+
+    N = 3 * bs + 37
+    bm = torch.rand(2, 8, nb(N, bs), nb(N, bs)) < 0.5
+    spec = pykd.AttentionSpec(block_mask=bm, block_size=bs, topk=40, qk_format="int8")
+    shape = dict(
+        B=2, Hs=8, Hkv=2, Ht=4, Htkv=2, Nq=N, Ds=D, Dt=D, dtype=torch.bfloat16, device="cuda", pad=0.1
+    )
+    q, k, v, qt, kt, m = draw(spec, causal=True, **shape)
+    go = torch.randn(q.shape, device="cuda").to(q.dtype)
+    args = dict(causal=True, key_padding_mask=m, divergence="kl", teacher_heads=[0, 1, 2, 3, 3, 2, 1, 0])
+    a = run(
+        Backend("triton"), pykd.attention_kd, q, k, v, qt, kt, go=go, student_spec=on("cuda", spec), **args
+    )
+    e = ref(reference.attention_kd, q, k, v, qt, kt, go=go, student_spec=spec, **args)
+    cpu = [x.cpu() for x in (q, k, v, qt, kt)]
+    base = ref(reference.attention_kd, *cpu, go=go.cpu(), dtype=torch.bfloat16, student_spec=spec,
+               **{**args, "key_padding_mask": m.cpu()})  # fmt: skip
+    compare(a, e, torch.bfloat16, scales(q, k, v, qt, kt, go, args), base)
