@@ -131,6 +131,7 @@ struct Tile {
   Tensor cols;       // the n key indices the tile sees; undefined = [0, n)
   int64_t n;
   Tensor take(const Tensor& x) const { return cols.defined() ? x.index_select(0, cols) : x.narrow(0, 0, n); }
+  Tensor index() const { return cols.defined() ? cols : at::arange(n, at::kLong); }
   void addmm(const Tensor& dst, const Tensor& a, const Tensor& b, double alpha = 1.0) const {
     if (cols.defined()) dst.index_add_(0, cols, at::mm(a, b), alpha);  // dst[cols] += alpha a b
     else dst.narrow(0, 0, n).addmm_(a, b, 1.0, alpha);
@@ -158,9 +159,8 @@ Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
   if (T.n == 0) return T;
   const int64_t hk = h / P.Gs;
   if (P.qc.defined()) {  // s = (cq ck^T) sq sk scale: exact integer products for int8 codes
-    auto idx = T.cols.defined() ? T.cols : at::arange(T.n, at::kLong);
     auto sq = P.qsc[b][h].index_select(0, at::arange(m0, m0 + rows, at::kLong).div_(P.bs, "floor"));
-    auto sk = P.ksc[b][hk].index_select(0, idx.div(P.bs, "floor"));
+    auto sk = P.ksc[b][hk].index_select(0, T.index().div(P.bs, "floor"));
     T.s = at::mm(P.qc[b][h].narrow(0, m0, rows), T.take(P.kc[b][hk]).t())
               .mul_(sq.unsqueeze(1)).mul_(sk.unsqueeze(0)).mul_(P.scale_s);
   } else {
@@ -168,8 +168,7 @@ Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
   }
   if (P.mask.defined()) T.vis = T.take(P.mask[b]).unsqueeze(0).expand({rows, T.n});
   if (P.causal) {
-    auto idx = T.cols.defined() ? T.cols : at::arange(T.n, at::kLong);
-    auto c = idx.unsqueeze(0) <= at::arange(m0, m0 + rows, at::kLong).unsqueeze(1);
+    auto c = T.index().unsqueeze(0) <= at::arange(m0, m0 + rows, at::kLong).unsqueeze(1);
     T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
   }
   if (P.thr.defined()) {  // row top-k: keep s_ij >= theta_i

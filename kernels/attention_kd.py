@@ -576,7 +576,7 @@ def _block_lists(block_mask, block_size, causal, B, H):
 
 
 def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask=None,
-            block_size=0, row_threshold=None, causal=False):  # fmt: skip
+            block_size=0, row_threshold=None, causal=False, quantized=False):  # fmt: skip
     q, k, v, q_t, k_t = (_last_dim_contiguous(x) for x in (q, k, v, q_t, k_t))
     B, H, N_Q, D_S = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
@@ -601,7 +601,8 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, bloc
         + ((mask.stride(0),) if mask is not None else (0,)),
         B=B, H=H, H_KV=H_KV, N_Q=N_Q, N_K=N_K, D_S=D_S, D_T=D_T, G_S=H // H_KV, G_T=G_T, DIV=DIV,
         fwd_lists=fwd_lists, bwd_lists=bwd_lists, thr=thr, BS=max(int(block_size), 1),
-        consts=dict(D_S=D_S, D_T=D_T, BLOCK_DS=max(16, triton.next_power_of_2(D_S)),
+        # int8/fp8 tensor-core dots need a reduction dim >= 32: quantized launches pad it (masked)
+        consts=dict(D_S=D_S, D_T=D_T, BLOCK_DS=max(32 if quantized else 16, triton.next_power_of_2(D_S)),
                     BLOCK_DT=max(16, triton.next_power_of_2(D_T)), DIV=DIV,
                     HAS_MASK=mask is not None, PREC=_prec(q.dtype), HAS_BM=block_mask is not None,
                     HAS_THR=row_threshold is not None),
@@ -619,14 +620,12 @@ def _tiles(kernel, c, dev, block_size, has_bm):
 _PV_FORMATS = ("none", "int8", "fp8_e4m3")
 
 
-def _quant_args(q_codes, k_codes, q_scale, k_scale, dummy, consts):
-    """(QK_Q, the four tensors, their strides, NBQS, NBKS) for the kernels; dummies when unquantized.
-    int8/fp8 tensor-core dots need a reduction dim >= 32: the head dim is padded to it (masked)."""
+def _quant_args(q_codes, k_codes, q_scale, k_scale, dummy):
+    """(QK_Q, the four tensors, their strides, NBQS, NBKS) for the kernels; dummies when unquantized."""
     if q_codes is None:
         return 0, (dummy, dummy, dummy, dummy), (0,) * 6, 1, 1
     q_codes, k_codes = _last_dim_contiguous(q_codes), _last_dim_contiguous(k_codes)
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
-    consts["BLOCK_DS"] = max(32, consts["BLOCK_DS"])
     return (1 if q_codes.dtype == torch.int8 else 2, (q_codes, k_codes, q_scale, k_scale),
             _strides(q_codes) + _strides(k_codes), q_scale.shape[-1], k_scale.shape[-1])  # fmt: skip
 
@@ -638,7 +637,7 @@ def attention_kd_fwd(
 ):  # fmt: skip
     """Launcher of ``pykd::attention_kd_fwd``: (out, row_loss, lse, stats); see the module docstring."""
     c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask, block_size,
-                row_threshold, causal)  # fmt: skip
+                row_threshold, causal, quantized=q_codes is not None)  # fmt: skip
     B, H, N_Q, D_S, DIV = c["B"], c["H"], c["N_Q"], c["D_S"], c["DIV"]
     dev = q.device
     out = new_output((B, H, N_Q, D_S), device=dev, dtype=q.dtype) if v is not None else q.new_empty(0)
@@ -647,7 +646,7 @@ def attention_kd_fwd(
     stats = new_output((B, H, N_Q, 3) if DIV else (0,), device=dev, dtype=torch.float32)
     if B * H * N_Q == 0:
         return out, row, lse, stats
-    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse, c["consts"])
+    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
     BM, BN, warps, stages = _tiles("fwd", c, dev, c["BS"], block_mask is not None)
     cnt, idx, lstrides, nb = c["fwd_lists"]
     grid = (triton.cdiv(N_Q, BM), B * H)
@@ -673,7 +672,7 @@ def attention_kd_bwd(
     if grad_row is None:
         divergence = "none"
     c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask, block_size,
-                row_threshold, causal)  # fmt: skip
+                row_threshold, causal, quantized=q_codes is not None)  # fmt: skip
     B, H, H_KV, N_Q, N_K = c["B"], c["H"], c["H_KV"], c["N_Q"], c["N_K"]
     dev = q.device
     dq = new_output(q.shape, device=dev, dtype=q.dtype)
@@ -703,7 +702,7 @@ def attention_kd_bwd(
     dstrides = _strides(grad_out) if has_do else (0, 0, 0)
     scal = (N_Q, N_K, scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature, scale_s, c["BS"])
     has_bm = block_mask is not None
-    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse, c["consts"])
+    QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
     if has_do and dense_delta:
         BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
         cnt, idx, lstrides, nb = c["fwd_lists"]

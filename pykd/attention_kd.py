@@ -114,10 +114,11 @@ def _teacher_heads(teacher_heads, H_s: int, H_t: int, device) -> torch.Tensor | 
     return torch.tensor([int(x) for x in teacher_heads], dtype=torch.int64, device=device)
 
 
-def _reduce(row, lse, stats, key_padding_mask, N_q, N_k, divergence, reduction):
-    """The reduced loss. A row counts if its query is real and it sees a key (finite lse); "mean"
-    divides by the rows that count, or for "mse_scores" by their visible keys (stats[..., 2])."""
-    counted = lse < float("inf")
+def _reduce(row, seen, key_padding_mask, N_q, N_k, reduction, pairs=None):
+    """The reduced loss. A row counts if its query is real and it sees a key (``seen``, e.g. a finite
+    lse); "mean" divides by the rows that count, or with ``pairs`` (the rows' visible keys, for
+    "mse_scores") by their visible pairs."""
+    counted = seen
     if key_padding_mask is not None and N_q == N_k:
         counted = counted & key_padding_mask[:, None, :]
     row = torch.where(counted, row, 0.0)
@@ -126,15 +127,32 @@ def _reduce(row, lse, stats, key_padding_mask, N_q, N_k, divergence, reduction):
     total = row.sum()
     if reduction == "sum":
         return total
-    n = (stats[..., 2] * counted).sum() if divergence == "mse_scores" else counted.sum()
+    n = (pairs * counted).sum() if pairs is not None else counted.sum()
     return total / n.clamp_min(1).to(torch.float32)
 
 
-def _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
-             temperature, teacher_heads, reduction):  # fmt: skip
+def _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction) -> float:
+    """Checks the student's tensors and options; returns scale_s."""
     _check_qkv("_s", q_s, k_s, v_s)
+    B, _, N_q, D_s = q_s.shape
+    N_k = k_s.shape[2]
+    if v_s is None:
+        _checks.same_device(["q_s", "k_s"], [q_s, k_s])
+    else:
+        _checks.same_device(["q_s", "k_s", "v_s"], [q_s, k_s, v_s])
+    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+    _checks.boolean("causal", causal)
+    if causal and N_q != N_k:
+        raise ValueError(f"causal=True needs N_q == N_k, got {N_q} and {N_k}")
+    _check_mask(key_padding_mask, B, N_k, q_s.device)
+    _backend.require_cpp()
+    return _scale("scale_s", scale_s, D_s)
+
+
+def _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature, teacher_heads):
+    """Checks the teacher's tensors and the divergence options; returns (temperature, scale_t, th)."""
     _check_qkv("_t", q_t, k_t)
-    B, H_s, N_q, D_s = q_s.shape
+    B, H_s, N_q, _ = q_s.shape
     N_k = k_s.shape[2]
     if q_t.shape[0] != B or q_t.shape[2] != N_q or k_t.shape[2] != N_k:
         raise ValueError(
@@ -142,20 +160,11 @@ def _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scal
             f"B={B} and sequence lengths N_q={N_q}, N_k={N_k}"
         )
     _checks.same_device(["q_s", "k_s", "q_t", "k_t"], [q_s, k_s, q_t, k_t])
-    if v_s is not None:
-        _checks.same_device(["q_s", "v_s"], [q_s, v_s])
     _checks.choice("divergence", divergence, _DIVERGENCES)
-    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
-    _checks.boolean("causal", causal)
-    if causal and N_q != N_k:
-        raise ValueError(f"causal=True needs N_q == N_k, got {N_q} and {N_k}")
-    _check_mask(key_padding_mask, B, N_k, q_s.device)
     temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
-    scale_s = _scale("scale_s", scale_s, D_s)
     scale_t = _scale("scale_t", scale_t, q_t.shape[3])
     th = _teacher_heads(teacher_heads, H_s, q_t.shape[1], q_s.device)
-    _backend.require_cpp()
-    return temperature, scale_s, scale_t, th
+    return temperature, scale_t, th
 
 
 def attention_kd(
@@ -284,16 +293,17 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
     if cap is not None:
         return _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads,
                                   reduction, student_spec)  # fmt: skip
-    temperature, scale_s, scale_t, th = _prepare(q_s, k_s, v_s, q_t, k_t, divergence, causal,
-                                                 key_padding_mask, scale_s, scale_t, temperature,
-                                                 teacher_heads, reduction)  # fmt: skip
+    scale_s = _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction)
+    temperature, scale_t, th = _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature,
+                                                teacher_heads)  # fmt: skip
     q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
                                      scale=scale_s, divergence=divergence, name="student_spec")  # fmt: skip
     out, row, lse, stats = torch.ops.pykd.attention_kd_fwd(
         q_op, k_op, v_s, q_t.detach(), k_t.detach(), key_padding_mask, th, divergence, causal, scale_s,
         scale_t, temperature, *extra,
     )  # fmt: skip
-    loss = _reduce(row, lse, stats, key_padding_mask, q_s.shape[2], k_s.shape[2], divergence, reduction)
+    pairs = stats[..., 2] if divergence == "mse_scores" else None
+    loss = _reduce(row, lse < float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction, pairs)
     return (out if v_s is not None else None), loss
 
 
@@ -301,32 +311,19 @@ def _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, te
                        student_spec):  # fmt: skip
     """attention_kd against a "topk" capture: the student's output from the attention kernels, the
     loss from :func:`pykd.capture.topk_capture_rows`."""
-    _check_qkv("_s", q_s, k_s, v_s)
-    B, H_s, N_q, D_s = q_s.shape
-    N_k = k_s.shape[2]
-    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
-    _checks.boolean("causal", causal)
-    if causal and N_q != N_k:
-        raise ValueError(f"causal=True needs N_q == N_k, got {N_q} and {N_k}")
-    _check_mask(key_padding_mask, B, N_k, q_s.device)
-    scale_s = _scale("scale_s", scale_s, D_s)
-    th = _teacher_heads(teacher_heads, H_s, cap.heads, q_s.device)
+    scale_s = _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction)
+    th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
+    # one quantization pre-pass serves the student's output and its loss
+    q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
+                                     scale=scale_s, name="student_spec")  # fmt: skip
     out = None
     if v_s is not None:
-        out = attention(q_s, k_s, v_s, causal=causal, key_padding_mask=key_padding_mask, scale=scale_s,
-                        spec=student_spec)  # fmt: skip
-    q_op, k_op, _ = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
-                                 scale=scale_s, name="student_spec")  # fmt: skip
+        out = torch.ops.pykd.attention_kd_fwd(
+            q_op, k_op, v_s, None, None, key_padding_mask, None, "none", causal, scale_s, 1.0, 1.0, *extra
+        )[0]
     row, seen = _capture.topk_capture_rows(q_op, k_op, cap, scale_s, th, causal=causal,
                                            key_padding_mask=key_padding_mask)  # fmt: skip
-    counted = seen
-    if key_padding_mask is not None and N_q == N_k:
-        counted = counted & key_padding_mask[:, None, :]
-    row = torch.where(counted, row, 0.0)
-    if reduction == "none":
-        return out, row
-    total = row.sum()
-    return out, (total / counted.sum().clamp_min(1).to(torch.float32) if reduction == "mean" else total)
+    return out, _reduce(row, seen, key_padding_mask, q_s.shape[2], k_s.shape[2], reduction)
 
 
 def attention(

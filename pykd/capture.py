@@ -28,9 +28,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import _checks
+from .sparse_quant import chunk_rows, scores_chunk
 
 CAPTURES = ("lse", "topk")
-_CHUNK_ELEMS = 1 << 24  # scores per chunk
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,24 +58,6 @@ class AttentionCapture:
         return self.lse.shape[1]
 
 
-def _scores_chunk(q, k, scale, i0, i1, causal, key_padding_mask):
-    """(B, H, i1 - i0, N_k) fp32 scores of query rows [i0, i1), -inf where hidden, and the visibility."""
-    B, H, _, D = q.shape
-    H_kv, N_k = k.shape[1], k.shape[2]
-    qc = q[:, :, i0:i1].float().reshape(B, H_kv, H // H_kv, i1 - i0, D)
-    s = torch.matmul(qc, k.float()[:, :, None].transpose(-1, -2)).reshape(B, H, i1 - i0, N_k) * scale
-    vis = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        vis = vis & key_padding_mask[:, None, None, :]
-    if causal:
-        vis = vis & (torch.arange(N_k, device=q.device) <= torch.arange(i0, i1, device=q.device)[:, None])
-    return s.masked_fill(~vis, float("-inf")), vis
-
-
-def _chunk_rows(B, H, N_k):
-    return max(1, _CHUNK_ELEMS // max(1, B * H * N_k))
-
-
 @torch.no_grad()
 def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
     """The :class:`AttentionCapture` of attention(q, k, .) whose lse the kernel returned."""
@@ -92,10 +74,11 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
     B, H, N_q, _ = q.shape
     probs = torch.empty((B, H, N_q, K), dtype=torch.float32, device=q.device)
     idx = torch.empty((B, H, N_q, K), dtype=torch.int64, device=q.device)
-    rows = _chunk_rows(B, H, N_k)
+    rows = chunk_rows(B, H, N_k)
+    qf, kf = q.float(), k.float()
     for i0 in range(0, N_q, rows):
         i1 = min(N_q, i0 + rows)
-        s, _ = _scores_chunk(q, k, scale, i0, i1, causal, key_padding_mask)
+        s = scores_chunk(qf, kf, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
         top = s.topk(K, -1)
         probs[:, :, i0:i1] = torch.exp(top.values - lse[:, :, i0:i1, None])
         idx[:, :, i0:i1] = top.indices
@@ -104,7 +87,7 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
 
 def _topk_rows(q, k, probs, idx, scale, i0, i1, causal, key_padding_mask):
     """(row loss, student sees a key) of query rows [i0, i1) against a top-k capture."""
-    s, vis = _scores_chunk(q, k, scale, i0, i1, causal, key_padding_mask)
+    s = scores_chunk(q, k, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
     has = torch.isfinite(s).any(-1, keepdim=True)
     s = torch.where(has, s, 0.0)  # rows that see nothing: finite, not counted, no NaN gradient
     p = probs[:, :, i0:i1]
@@ -130,11 +113,12 @@ def topk_capture_rows(q, k, cap: AttentionCapture, scale, teacher_heads, *, caus
     if teacher_heads is not None:
         probs, idx = probs[:, teacher_heads], idx[:, teacher_heads]
     B, H, N_q, _ = q.shape
-    rows = _chunk_rows(B, H, k.shape[2])
+    rows = chunk_rows(B, H, k.shape[2])
+    qf, kf = q.float(), k.float()  # once, not per chunk
     parts, seen = [], []
     for i0 in range(0, N_q, rows):
         i1 = min(N_q, i0 + rows)
-        r, h = checkpoint(_topk_rows, q, k, probs, idx, scale, i0, i1, causal, key_padding_mask,
+        r, h = checkpoint(_topk_rows, qf, kf, probs, idx, scale, i0, i1, causal, key_padding_mask,
                           use_reentrant=False)  # fmt: skip
         parts.append(r)
         seen.append(h)

@@ -33,7 +33,7 @@ from . import _checks
 QK_FORMATS = ("int8", "fp8_e4m3")
 PV_FORMATS = ("int8", "fp8_e4m3")
 _LEVELS = {"int8": 127.0, "fp8_e4m3": 448.0}
-_THRESHOLD_CHUNK_ELEMS = 1 << 24  # scores per pre-pass chunk
+_CHUNK_ELEMS = 1 << 24  # scores per chunk of the pre-passes (row top-k, capture)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,6 +159,22 @@ def _visible_chunk(B, H, i0, i1, N_k, causal, key_padding_mask, block_mask, bs, 
     return vis
 
 
+def chunk_rows(B: int, H: int, N_k: int) -> int:
+    """Query rows per chunk of a (B, H, rows, N_k) score pre-pass."""
+    return max(1, _CHUNK_ELEMS // max(1, B * H * N_k))
+
+
+def scores_chunk(q, k, scale, i0, i1, *, causal, key_padding_mask, block_mask=None, block_size=0):
+    """(B, H, i1 - i0, N_k) fp32 scores of the query rows [i0, i1) of q (B, H, N_q, D) against all
+    keys of k (B, H_kv, N_k, D), -inf where hidden. Pass fp32 q, k to convert them once."""
+    B, H, _, D = q.shape
+    H_kv, N_k = k.shape[1], k.shape[2]
+    qc = q[:, :, i0:i1].float().reshape(B, H_kv, H // H_kv, i1 - i0, D)
+    s = torch.matmul(qc, k.float()[:, :, None].transpose(-1, -2)).reshape(B, H, i1 - i0, N_k) * scale
+    vis = _visible_chunk(B, H, i0, i1, N_k, causal, key_padding_mask, block_mask, block_size, q.device)
+    return s if vis is None else s.masked_fill(~vis, float("-inf"))
+
+
 @torch.no_grad()
 def row_topk_threshold(q, k, topk, scale, *, causal=False, key_padding_mask=None, block_mask=None,
                        block_size=64):  # fmt: skip
@@ -166,24 +182,17 @@ def row_topk_threshold(q, k, topk, scale, *, causal=False, key_padding_mask=None
     (``topk`` + 1)-th largest visible scores (-inf when it sees at most ``topk`` keys), so the
     kernels' own rounding of a score cannot move it across. From fp32 score blocks of a chunk of
     queries against all keys. q (B, H, N_q, D), k (B, H_kv, N_k, D)."""
-    B, H, N_q, D = q.shape
-    H_kv, N_k = k.shape[1], k.shape[2]
-    G = H // H_kv
+    B, H, N_q, _ = q.shape
+    N_k = k.shape[2]
     thr = torch.full((B, H, N_q), float("-inf"), dtype=torch.float32, device=q.device)
     if topk >= N_k or B * H * N_q == 0:
         return thr
-    qf = q.float().view(B, H_kv, G, N_q, D)
-    kf = k.float()
-    chunk = max(1, _THRESHOLD_CHUNK_ELEMS // max(1, B * H * N_k))
+    qf, kf = q.float(), k.float()
+    chunk = chunk_rows(B, H, N_k)
     for i0 in range(0, N_q, chunk):
         i1 = min(N_q, i0 + chunk)
-        s = (
-            torch.matmul(qf[:, :, :, i0:i1], kf[:, :, None].transpose(-1, -2)).view(B, H, i1 - i0, N_k)
-            * scale
-        )
-        vis = _visible_chunk(B, H, i0, i1, N_k, causal, key_padding_mask, block_mask, block_size, q.device)
-        if vis is not None:
-            s = s.masked_fill(~vis, float("-inf"))
+        s = scores_chunk(qf, kf, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask,
+                         block_mask=block_mask, block_size=block_size)  # fmt: skip
         top = s.topk(topk + 1, -1).values
         thr[:, :, i0:i1] = top[..., -2] * 0.5 + top[..., -1] * 0.5
     return thr

@@ -363,9 +363,14 @@ def test_compile_fullgraph(backend, compiler):
                                       causal=True, temperature=2.0)  # fmt: skip
         return out.sum() + loss + pykd.attention(q, k, v).square().sum()
 
+    check_compiled(backend, f, (q, k, v), compiler)
+
+
+def check_compiled(backend, f, inputs, compiler="aot_eager"):
+    """torch.compile(f, fullgraph=True) gives f's value and input gradients."""
     compiled = torch.compile(f, fullgraph=True, backend=compiler)
-    xa = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    xb = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    xa = [x.clone().requires_grad_(True) for x in inputs]
+    xb = [x.clone().requires_grad_(True) for x in inputs]
     with backend():
         a = compiled(*xa)
         a.backward()

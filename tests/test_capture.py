@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close
-from test_attention_kd import cancel_scale, compare, make, ref, run
+from test_attention_kd import cancel_scale, check_compiled, compare, make, ref, run
 
 import pykd
 from pykd import reference
@@ -104,17 +104,7 @@ def test_compile_fullgraph(backend):
         out, loss = pykd.attention_kd(q, k, v, teacher=cap, teacher_heads=[0, 1, 1, 0])
         return out.sum() + loss
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    xa = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    xb = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    with backend():
-        a = compiled(*xa)
-        a.backward()
-        b = f(*xb)
-        b.backward()
-    assert_close(a, b, rtol=1e-6, atol=0)
-    for ga, gb in zip(xa, xb):
-        assert_close(ga.grad, gb.grad, rtol=1e-6, atol=1e-6)
+    check_compiled(backend, f, (q, k, v))
 
 
 def test_bad_input():
