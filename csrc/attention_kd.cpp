@@ -15,7 +15,11 @@
 // threshold (row top-k) hides s_ij < theta_i. Quantized forward: s = (cq cq^T) * sq * sk * scale from
 // the int8/fp8 codes and their per-block scales, and P = exp(s - m_i) (m_i the row max) quantized to
 // int8 (round(127 P)) or fp8 e4m3 (448 P) before P V. Backward recomputes the same scores from the
-// codes and multiplies dS by the dequantized q, k (straight through). The teacher's scores are hidden wherever the student's are (renormalized over them).
+// codes and multiplies dS by the dequantized q, k (straight through). The teacher's scores are hidden
+// wherever the student's are (renormalized over them).
+// A top-k capture in place of the teacher (Div::kTopKKL) gives each tile p_t on the captured keys
+// (scattered, -1 elsewhere); the forward adds the student's lse over the keys outside K, the
+// backward c p_s - p_t [in K] - T p_out [not in K] (see kernels/attention_kd.py).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -34,7 +38,9 @@ using at::Tensor;
 constexpr int64_t kTile = 64;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-enum class Div { kNone, kKL, kReverseKL, kMSE, kMSEScores };
+// kTopKKL: the teacher is a top-k capture, q_t its probabilities and k_t its key indices
+// (B, H_t, N_q, K); the row loss is KL(top-k + tail bucket || student) (pykd/capture.py).
+enum class Div { kNone, kKL, kReverseKL, kMSE, kMSEScores, kTopKKL };
 
 Div parse_attention_divergence(const std::string& d) {
   if (d == "none") return Div::kNone;
@@ -42,6 +48,7 @@ Div parse_attention_divergence(const std::string& d) {
   if (d == "reverse_kl") return Div::kReverseKL;
   if (d == "mse") return Div::kMSE;
   if (d == "mse_scores") return Div::kMSEScores;
+  if (d == "topk_kl") return Div::kTopKKL;
   TORCH_CHECK_VALUE(false, "pykd: divergence must be one of kl, reverse_kl, mse, mse_scores; got ", d);
 }
 
@@ -84,7 +91,10 @@ struct Problem {
     if (div != Div::kNone) {
       TORCH_CHECK_VALUE(qt_.has_value() && kt_.has_value(), "pykd: a divergence needs q_t and k_t");
       qt = qt_->to(at::kFloat).contiguous();
-      kt = kt_->to(at::kFloat).contiguous();
+      kt = kt_->to(div == Div::kTopKKL ? at::kLong : at::kFloat).contiguous();
+      if (div == Div::kTopKKL)
+        TORCH_CHECK_VALUE(qt.dim() == 4 && qt.sizes() == kt.sizes() && qt.size(2) == Nq && qt.size(0) == B,
+                          "pykd: a top-k capture needs probs and indices of one shape (B, H_t, N_q, K)");
       TORCH_CHECK_VALUE(kt.size(1) > 0 && qt.size(1) % kt.size(1) == 0,
                         "pykd: teacher K heads must divide the teacher query heads");
       Gt = qt.size(1) / kt.size(1);
@@ -176,7 +186,12 @@ Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
     T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
   }
   if (T.vis.defined()) T.s.masked_fill_(T.vis.logical_not(), -kInf);
-  if (P.div != Div::kNone) {
+  if (P.div == Div::kTopKKL) {  // t = p_t on the captured keys, -1 elsewhere (never hidden)
+    const int64_t th = P.th[h];
+    auto tk = at::full({rows, P.Nk}, -1.0, T.s.options())
+                  .scatter_(1, P.kt[b][th].narrow(0, m0, rows), P.qt[b][th].narrow(0, m0, rows));
+    T.t = T.cols.defined() ? tk.index_select(1, T.cols) : tk.narrow(1, 0, T.n);
+  } else if (P.div != Div::kNone) {
     const int64_t th = P.th[h];
     auto Kt = T.take(P.kt[b][th / P.Gt]);
     T.t = at::mm(P.qt[b][th].narrow(0, m0, rows), Kt.t()).mul_(P.scale_t);
@@ -202,6 +217,8 @@ Tensor div_term(const Problem& P, const Tile& T, const Tensor& ls, const Tensor&
   Tensor term;
   if (P.div == Div::kMSEScores) {
     term = (T.s - T.t) * 2.0;
+  } else if (P.div == Div::kTopKKL) {  // c p_s - p_t on the captured keys, - T p_out elsewhere
+    term = (T.s - ls).exp() - at::where(T.t >= 0, T.t, aux * (T.s - lt).exp());
   } else {
     auto zs = T.s * it - ls;  // log p_s
     auto ps = zs.exp();
@@ -275,6 +292,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
         r = (d * d).sum(1, true);
         // aux = the row's visible keys, the "mean" denominator under sparsity
         aux = T.vis.defined() ? T.vis.sum(1, true).to(at::kFloat) : at::full({rows, 1}, double(T.n), f);
+      } else if (P.div == Div::kTopKKL) {
+        // row = sum_k p_k ln p_k + sum_k p_k (lse - z_k) + T (ln T + lse - lse_out), the tail term
+        // only if T > 0 and a key lies outside K; lse - z_k = (m - z_k) + ln l keeps its digits
+        auto so = T.s.masked_fill(T.t >= 0, -kInf);
+        auto [mo, has_o] = safe_max(so);
+        auto lo = at::where(has_o, (so - mo).exp_().sum(1, true), at::ones({}, f));
+        auto pos = T.t > 0;
+        auto zero = at::zeros({}, f);
+        auto a1 = at::where(pos, T.t * (m - T.s), zero).sum(1, true);
+        auto a2 = at::where(pos, T.t, zero).sum(1, true);
+        auto pr = P.qt[b][P.th[h]].narrow(0, m0, rows);
+        auto sp = pr.sum(1, true);
+        auto spl = at::where(pr > 0, pr * at::where(pr > 0, pr, 1.0f).log(), zero).sum(1, true);
+        auto tail = (1.0 - sp).clamp_min(0.0);
+        auto use_t = (tail > 0).logical_and(has_o);
+        auto tail_u = at::where(use_t, tail, zero);
+        auto log_l = l_safe.log();
+        auto gap = (m - mo) + log_l - lo.log();  // lse - lse_out >= 0
+        r = spl + a1 + a2 * log_l + tail_u * (at::where(use_t, tail, 1.0f).log() + gap);
+        // backward: d row / d s = c p_s - p_t [in K] - T p_out [not in K], c = sum_k p_k + T
+        auto cc = sp + tail_u;
+        ls = at::where(has.logical_and(cc > 0), m + log_l - at::where(cc > 0, cc, 1.0f).log(), kInf);
+        lt = at::where(has_o, mo + lo.log(), kInf);
+        aux = tail_u;
       } else {
         auto mt = safe_max(T.t).first;  // the teacher sees the same keys
         auto l_s = ((T.s - m) * it).exp_().sum(1, true);

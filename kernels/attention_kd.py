@@ -35,6 +35,17 @@ Sparse and quantized students (DESIGN.md section 6), one mechanism in all three 
   pre-sweep), quantized to round(127 P) (int8) or fp8 e4m3 of 448 P, and out = (codes . V) / (l levels).
   The codes are exact in V's dtype, so only the quantization itself rounds. Backward recomputes the
   same scores from the codes and multiplies dS by the dequantized q, k (straight-through).
+
+A teacher top-k capture (DIV "topk_kl", pykd/capture.py) takes the teacher scores' place: q_t holds
+its probabilities p_t,ik and k_t its key indices (B, H_t, N_q, K). A tile's captured entries come
+from K compares per key (_topk_tile). Forward keeps, next to the student's (m, l), the student's
+softmax over the keys outside K (m_t, l_t) and a1 = sum p_t,k (m - s2_k), a2 = sum p_t,k:
+
+    row = sum_k p_k ln p_k + ln2 (a1 + a2 log2 l) + T (ln T + lse - lse_out),  T = 1 - sum_k p_k
+
+(the tail term only if T > 0 and a key lies outside K). Backward adds
+g_i (c p_s,ij - p_t,ij [j in K] - T p_out,ij [j not in K]), c = sum_k p_k + T, from the saved
+stats = (lse - ln c, lse_out, T).
 """
 
 from __future__ import annotations
@@ -46,7 +57,8 @@ import triton.language as tl
 from .common import new_output
 
 # Order is the kernels' DIV constexpr: 0 = no teacher (plain attention).
-DIVERGENCES = ("none", "kl", "reverse_kl", "mse", "mse_scores")
+# "topk_kl" is a teacher top-k capture: q_t holds its probs, k_t its key indices (B, H_t, N_q, K).
+DIVERGENCES = ("none", "kl", "reverse_kl", "mse", "mse_scores", "topk_kl")
 LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (<= 64, <= 256); from
@@ -73,6 +85,8 @@ def _div_term(s, t, ls, lt, aux, inv_tau, DIV: tl.constexpr):
     LN2: tl.constexpr = 0.6931471805599453
     if DIV == 4:
         term = 2.0 * LN2 * (s - t)
+    elif DIV == 5:  # t: p_t on the captured keys, -1 elsewhere; ls = lse - ln c, lt = lse outside K
+        term = tl.math.exp2(s - ls) - tl.where(t >= 0.0, t, aux * tl.math.exp2(s - lt))
     else:
         ps = tl.math.exp2(s * inv_tau - ls)
         if DIV == 1:
@@ -169,6 +183,26 @@ def _block_range(lst, it, lo, hi, BS, HAS_BM: tl.constexpr):
 
 
 @triton.jit
+def _topk_tile(p_base, i_base, stride_pn, stride_in, offs_m, row_ok, offs_n, K_CAP, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, TRANS: tl.constexpr):  # fmt: skip
+    """A top-k capture on a score tile: p_t,ij where key j is one of row i's K captured keys, else -1;
+    (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) with TRANS. One compare per captured key: the
+    indices are unsorted and a row's K are scattered over the tiles."""
+    if TRANS:
+        t = tl.full([BLOCK_N, BLOCK_M], -1.0, tl.float32)
+    else:
+        t = tl.full([BLOCK_M, BLOCK_N], -1.0, tl.float32)
+    for kk in range(0, K_CAP):
+        ix = tl.load(i_base + offs_m * stride_in + kk, mask=row_ok, other=-1)
+        pr = tl.load(p_base + offs_m * stride_pn + kk, mask=row_ok, other=0.0)
+        if TRANS:
+            t = tl.where(ix[None, :] == offs_n[:, None], pr[None, :], t)
+        else:
+            t = tl.where(ix[:, None] == offs_n[None, :], pr[:, None], t)
+    return t
+
+
+@triton.jit
 def _attention_kd_fwd_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr,
     cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr,
@@ -177,7 +211,7 @@ def _attention_kd_fwd_kernel(
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_cqb, stride_cqh, stride_cqn, stride_ckb, stride_ckh, stride_ckn,
-    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, BS, NBK, NBQS, NBKS,
+    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, BS, NBK, NBQS, NBKS, K_CAP,
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     SAME_TAU: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -213,8 +247,10 @@ def _attention_kd_fwd_kernel(
     mask_row = mask_ptr + b * stride_mb
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
-        qt = _load_rows(qt_ptr + b * stride_tqb + th * stride_tqh, offs_m, stride_tqn, row_ok, offs_dt, D_T)
+        qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
         kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
+        if DIV != 5:
+            qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -260,7 +296,20 @@ def _attention_kd_fwd_kernel(
                 else:
                     pq = p
                 acc = acc * alpha[:, None] + tl.dot(pq.to(v.dtype), v, input_precision=PREC)
-            if DIV != 0:
+            if DIV == 5:  # m_t, l_t: the student's softmax over the keys outside the captured K
+                tk = _topk_tile(qt_base, kt_base, stride_tqn, stride_tkn, offs_m, row_ok, offs_n, K_CAP,
+                                BLOCK_M, BLOCK_N, False)  # fmt: skip
+                so = tl.where(tk >= 0.0, float("-inf"), s)
+                mo_new = tl.maximum(m_t, tl.max(so, 1))
+                mo_use = tl.where(mo_new == float("-inf"), 0.0, mo_new)
+                l_t = l_t * tl.math.exp2(m_t - mo_use) + tl.sum(tl.math.exp2(so - mo_use[:, None]), 1)
+                m_t = mo_new
+                # a1 = sum p_t (m - s2), a2 = sum p_t over the captured keys so far (m the running max)
+                a1 += a2 * (m_use - tl.where(m_i == float("-inf"), 0.0, m_i))
+                pos = tk > 0.0
+                a1 += tl.sum(tl.where(pos, tk * (m_use[:, None] - s), 0.0), 1)
+                a2 += tl.sum(tl.where(pos, tk, 0.0), 1)
+            elif DIV != 0:
                 ktT = tl.load(
                     kt_base + offs_n[None, :] * stride_tkn + offs_dt[:, None],
                     mask=col_ok[None, :] & (offs_dt < D_T)[:, None],
@@ -318,6 +367,32 @@ def _attention_kd_fwd_kernel(
         if DIV == 4:
             row = a1 * (LN2 * LN2)
             aux = a2
+        elif DIV == 5:
+            # row = sum_k p_k ln p_k + sum_k p_k (lse - z_k) + T (ln T + lse - lse_out), the last
+            # only if T > 0 and a key lies outside K; sum_k p_k (lse - z_k) = ln2 (a1 + a2 log2 l)
+            sp = tl.zeros([BLOCK_M], tl.float32)
+            spl = tl.zeros([BLOCK_M], tl.float32)
+            for kk in range(0, K_CAP):
+                pr = tl.load(qt_base + offs_m * stride_tqn + kk, mask=row_ok, other=0.0)
+                sp += pr
+                spl += tl.where(pr > 0.0, pr * tl.log(tl.where(pr > 0.0, pr, 1.0)), 0.0)
+            tail = tl.maximum(1.0 - sp, 0.0)
+            has_o = l_t > 0.0
+            use_t = (tail > 0.0) & has_o
+            lo_safe = tl.where(has_o, l_t, 1.0)
+            mo_use = tl.where(has_o, m_t, 0.0)
+            m_s_use = tl.where(has, m_i, 0.0)
+            log_l = tl.math.log2(l_safe)
+            gap = ((m_s_use - mo_use) + log_l - tl.math.log2(lo_safe)) * LN2  # lse - lse_out >= 0
+            tail_u = tl.where(use_t, tail, 0.0)
+            row = spl + (a1 + a2 * log_l) * LN2 + tail_u * (tl.log(tl.where(use_t, tail, 1.0)) + gap)
+            # backward: d row / d s_ij = c p_s,ij - p_t,ij [j in K] - T p_out,ij [j not in K] with
+            # c = sum_k p_k + T: saved as lse - ln c (+inf if c = 0), lse_out and T
+            cc = sp + tail_u
+            lse_s = tl.where(has & (cc > 0.0), (m_s_use + log_l) * LN2 - tl.log(tl.where(cc > 0.0, cc, 1.0)),
+                             float("inf"))  # fmt: skip
+            lse_t = tl.where(has_o, (mo_use + tl.math.log2(lo_safe)) * LN2, float("inf"))
+            aux = tail_u
         else:
             if SAME_TAU:
                 l_s = l_i
@@ -353,7 +428,7 @@ def _attention_kd_bwd_dkdv_kernel(
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
     stride_dob, stride_doh, stride_don, stride_cb, stride_ch, stride_ib, stride_ih,
     stride_cqb, stride_cqh, stride_cqn, stride_ckb, stride_ckh, stride_ckn,
-    H, H_KV, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s, BS, NB, NBQS, NBKS,
+    H, H_KV, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s, BS, NB, NBQS, NBKS, K_CAP,
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -395,7 +470,8 @@ def _attention_kd_bwd_dkdv_kernel(
             th = tl.load(th_ptr + h).to(tl.int64)
             qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
             kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
-            kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
+            if DIV != 5:
+                kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
         n_blk, lst = _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
                                  pid_n * BLOCK_N // BS, NB, HAS_BM)  # fmt: skip
         for it in range(0, n_blk):
@@ -430,8 +506,12 @@ def _attention_kd_bwd_dkdv_kernel(
                     dsT = pT * (dpT - delta[None, :])
                 if DIV != 0:
                     gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
-                    qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
-                    tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
+                    if DIV == 5:
+                        tT = _topk_tile(qt_base, kt_base, stride_tqn, stride_tkn, offs_m, row_ok, offs_n,
+                                        K_CAP, BLOCK_M, BLOCK_N, True)  # fmt: skip
+                    else:
+                        qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
+                        tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
                     ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
                     term = _div_term(sT, tT, ls[None, :], lt[None, :], aux[None, :], inv_tau, DIV)
                     dsT += tl.where(vis, term, 0.0) * gi[None, :]
@@ -452,7 +532,7 @@ def _attention_kd_bwd_dq_kernel(
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
     stride_dob, stride_doh, stride_don, stride_cb, stride_ch, stride_ib, stride_ih,
     stride_cqb, stride_cqh, stride_cqn, stride_ckb, stride_ckh, stride_ckn,
-    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s, BS, NB, NBQS, NBKS,
+    H, G_S, G_T, N_Q, N_K, qk_scale, qk_scale_t, inv_tau, scale_s, BS, NB, NBQS, NBKS, K_CAP,
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -490,7 +570,9 @@ def _attention_kd_bwd_dq_kernel(
             delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
-        qt = _load_rows(qt_ptr + b * stride_tqb + th * stride_tqh, offs_m, stride_tqn, row_ok, offs_dt, D_T)
+        qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
+        if DIV != 5:
+            qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
         kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
         gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
         ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
@@ -528,8 +610,12 @@ def _attention_kd_bwd_dq_kernel(
                 else:
                     ds = p * (dp - delta[:, None])
             if DIV != 0 and not DELTA_ONLY:
-                kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
-                t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
+                if DIV == 5:
+                    t = _topk_tile(qt_base, kt_base, stride_tqn, stride_tkn, offs_m, row_ok, offs_n, K_CAP,
+                                   BLOCK_M, BLOCK_N, False)  # fmt: skip
+                else:
+                    kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
+                    t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
                 term = _div_term(s, t, ls[:, None], lt[:, None], aux[:, None], inv_tau, DIV)
                 ds += tl.where(vis, term, 0.0) * gi[:, None]
             if not DELTA_ONLY:
@@ -581,7 +667,10 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, bloc
     B, H, N_Q, D_S = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     DIV = DIVERGENCES.index(divergence)
-    D_T = q_t.shape[3] if DIV else 16
+    K_CAP = 0
+    if DIV == 5:  # a top-k capture: no teacher head dim; int32 indices for the kernels' compares
+        K_CAP, q_t, k_t = q_t.shape[3], q_t.float().contiguous(), k_t.to(torch.int32).contiguous()
+    D_T = q_t.shape[3] if DIV and DIV != 5 else 16
     G_T = q_t.shape[1] // k_t.shape[1] if DIV else 1
     if DIV and teacher_heads is None:
         teacher_heads = torch.arange(H, device=q.device)
@@ -599,7 +688,7 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, bloc
                  mask if mask is not None else dummy, teacher_heads if DIV else dummy),
         strides=_strides(q) + _strides(k) + _strides(v) + _strides(q_t) + _strides(k_t)
         + ((mask.stride(0),) if mask is not None else (0,)),
-        B=B, H=H, H_KV=H_KV, N_Q=N_Q, N_K=N_K, D_S=D_S, D_T=D_T, G_S=H // H_KV, G_T=G_T, DIV=DIV,
+        B=B, H=H, H_KV=H_KV, N_Q=N_Q, N_K=N_K, D_S=D_S, D_T=D_T, G_S=H // H_KV, G_T=G_T, DIV=DIV, K_CAP=K_CAP,
         fwd_lists=fwd_lists, bwd_lists=bwd_lists, thr=thr, BS=max(int(block_size), 1),
         # int8/fp8 tensor-core dots need a reduction dim >= 32: quantized launches pad it (masked)
         consts=dict(D_S=D_S, D_T=D_T, BLOCK_DS=max(32 if quantized else 16, triton.next_power_of_2(D_S)),
@@ -653,7 +742,7 @@ def attention_kd_fwd(
     _attention_kd_fwd_kernel[grid](
         *c["tensors"], cnt, idx, c["thr"], *quant, out, row, lse, stats, *c["strides"], *lstrides, *qstrides,
         H, c["G_S"], c["G_T"], N_Q, c["N_K"], scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature,
-        c["BS"], nb, nbqs, nbks,
+        c["BS"], nb, nbqs, nbks, c["K_CAP"],
         HAS_V=v is not None, CAUSAL=causal, SAME_TAU=temperature == 1.0, BLOCK_M=BM, BLOCK_N=BN,
         QK_Q=QK_Q, PV_Q=_PV_FORMATS.index(pv_format) if v is not None else 0,
         num_warps=warps, num_stages=stages, **c["consts"],
@@ -708,23 +797,23 @@ def attention_kd_bwd(
         cnt, idx, lstrides, nb = c["fwd_lists"]
         _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
             *args, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H,
-            c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, HAS_DO=True, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-            DELTA_ONLY=True, QK_Q=QK_Q,
+            c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_DO=True, CAUSAL=causal, BLOCK_M=BM,
+            BLOCK_N=BN, DELTA_ONLY=True, QK_Q=QK_Q,
             num_warps=warps, num_stages=stages, **{**c["consts"], "DIV": 0},
         )  # fmt: skip
     BM, BN, warps, stages = _tiles("dkdv", c, dev, c["BS"], has_bm)
     cnt, idx, lstrides, nb = c["bwd_lists"]
     _attention_kd_bwd_dkdv_kernel[(triton.cdiv(N_K, BN), B * H_KV)](
         *args, cnt, idx, c["thr"], *quant, dk, dv, *c["strides"], *dstrides, *lstrides, *qstrides, H, H_KV,
-        c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, HAS_V=v is not None, HAS_DO=has_do, CAUSAL=causal,
-        BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q,
+        c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_V=v is not None, HAS_DO=has_do,
+        CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
     BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
     cnt, idx, lstrides, nb = c["fwd_lists"]
     _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
         *args, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H, c["G_S"],
-        c["G_T"], *scal, nb, nbqs, nbks, HAS_DO=has_do, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+        c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_DO=has_do, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
         DELTA_ONLY=False, QK_Q=QK_Q,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip

@@ -277,6 +277,7 @@ def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, t
         raise ValueError(f"teacher capture was taken with causal={teacher.causal}; got causal={causal}")
     if teacher.kind == "lse":
         return teacher.q, teacher.k, teacher.scale, None
+    _check_topk_capture(teacher, lse.shape, k_s.shape[2])
     if divergence != "kl":
         raise ValueError(f'a "topk" teacher capture distills divergence="kl" only, got {divergence!r}')
     if temperature != 1.0:
@@ -284,6 +285,27 @@ def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, t
     if student_spec is not None and (student_spec.block_mask is not None or student_spec.topk is not None):
         raise ValueError('a "topk" teacher capture cannot distill a sparse student (block_mask / topk)')
     return None, None, None, teacher
+
+
+def _check_topk_capture(cap, lse_shape, N_k) -> None:
+    """probs (float) and indices (integer, in [0, N_k)) of one shape (B, H_t, N_q, K), on lse's device."""
+    probs, idx = cap.probs, cap.indices
+    if not isinstance(probs, torch.Tensor) or not probs.dtype.is_floating_point:
+        raise TypeError(f'a "topk" capture needs float probs, got {getattr(probs, "dtype", type(probs))}')
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f'a "topk" capture needs int32/int64 indices, got {getattr(idx, "dtype", type(idx))}')
+    if probs.dim() != 4 or tuple(probs.shape[:3]) != tuple(lse_shape) or idx.shape != probs.shape:
+        raise ValueError(
+            f'a "topk" capture needs probs and indices of shape (B, H_t, N_q, K) with (B, H_t, N_q) = '
+            f"{tuple(lse_shape)}, got {tuple(probs.shape)} and {tuple(idx.shape)}"
+        )
+    if probs.device != cap.lse.device or idx.device != cap.lse.device:
+        raise ValueError(f'a "topk" capture\'s probs and indices must be on {cap.lse.device}')
+    if not torch.compiler.is_compiling() and idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= N_k:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f'a "topk" capture\'s indices must lie in [0, N_k={N_k}), got {bad}')
 
 
 def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,
@@ -309,21 +331,18 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
 
 def _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads, reduction,
                        student_spec):  # fmt: skip
-    """attention_kd against a "topk" capture: the student's output from the attention kernels, the
-    loss from :func:`pykd.capture.topk_capture_rows`."""
+    """attention_kd against a "topk" capture: the same fused kernels, with the capture's probs and
+    indices in place of q_t, k_t (internal divergence "topk_kl", see :mod:`pykd.capture`)."""
     scale_s = _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction)
     th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
-    # one quantization pre-pass serves the student's output and its loss
     q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
                                      scale=scale_s, name="student_spec")  # fmt: skip
-    out = None
-    if v_s is not None:
-        out = torch.ops.pykd.attention_kd_fwd(
-            q_op, k_op, v_s, None, None, key_padding_mask, None, "none", causal, scale_s, 1.0, 1.0, *extra
-        )[0]
-    row, seen = _capture.topk_capture_rows(q_op, k_op, cap, scale_s, th, causal=causal,
-                                           key_padding_mask=key_padding_mask)  # fmt: skip
-    return out, _reduce(row, seen, key_padding_mask, q_s.shape[2], k_s.shape[2], reduction)
+    out, row, lse, _ = torch.ops.pykd.attention_kd_fwd(
+        q_op, k_op, v_s, cap.probs, cap.indices, key_padding_mask, th, "topk_kl", causal, scale_s, 1.0, 1.0,
+        *extra,
+    )  # fmt: skip
+    loss = _reduce(row, lse < float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction)
+    return (out if v_s is not None else None), loss
 
 
 def attention(

@@ -15,9 +15,14 @@ later.
       row_i = sum_k p_t,k log(p_t,k / p_s,k) + T log(T / Q).
 
   Q is the student's log-sum-exp over the keys outside the K (never 1 - sum_k p_s,k), so it keeps
-  its digits when the student puts almost all its mass on the K keys. The top-k capture and its
-  loss run as chunked PyTorch (query chunks against all keys, each chunk's scores recomputed in
-  backward), O(chunk · N) memory: they are not fused kernels.
+  its digits when the student puts almost all its mass on the K keys. The loss runs in the fused
+  attention_kd kernels (the capture's probs and indices take the place of q_t, k_t): one sweep
+  accumulates the student's softmax over all keys and over the keys outside K, and
+  d row / d s_ij = c p_s,ij - p_t,ij [j in K] - T p_out,ij [j not in K] (c = sum_k p_t,k + T,
+  p_out the student's softmax outside K) is added to the flash-attention dS in backward. A key
+  among a row's K that the student does not see (a different key_padding_mask) makes that row's
+  loss infinite, as the KL is. Taking the capture is a chunked pre-pass (query chunks against all
+  keys, O(chunk · N) memory, top-k by ``torch.topk``), run once per teacher.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from . import _checks
 from .sparse_quant import chunk_rows, scores_chunk
@@ -83,46 +87,6 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
         probs[:, :, i0:i1] = torch.exp(top.values - lse[:, :, i0:i1, None])
         idx[:, :, i0:i1] = top.indices
     return AttentionCapture("topk", lse, causal, N_k, scale, probs=probs, indices=idx)
-
-
-def _topk_rows(q, k, probs, idx, scale, i0, i1, causal, key_padding_mask):
-    """(row loss, student sees a key) of query rows [i0, i1) against a top-k capture."""
-    s = scores_chunk(q, k, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
-    has = torch.isfinite(s).any(-1, keepdim=True)
-    s = torch.where(has, s, 0.0)  # rows that see nothing: finite, not counted, no NaN gradient
-    p = probs[:, :, i0:i1]
-    ix = idx[:, :, i0:i1]
-    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-    z = s.gather(-1, ix)
-    s_out = s.scatter(-1, ix, float("-inf"))
-    out_any = torch.isfinite(s_out).any(-1, keepdim=True)
-    lse_out = torch.logsumexp(torch.where(out_any, s_out, 0.0), -1)
-    lse_all = torch.logsumexp(s, -1)
-    # sum_k p log p - sum_k p (z_k - lse) + T (log T - (lse_out - lse))
-    pos = p > 0
-    row = (torch.where(pos, p * (torch.log(torch.where(pos, p, 1.0)) - z), 0.0)).sum(-1)
-    row = row + p.sum(-1) * lse_all
-    use_t = (tail > 0) & out_any[..., 0]
-    row = row + torch.where(use_t, tail * (torch.log(torch.where(use_t, tail, 1.0)) - lse_out + lse_all), 0.0)
-    return row, has[..., 0]
-
-
-def topk_capture_rows(q, k, cap: AttentionCapture, scale, teacher_heads, *, causal, key_padding_mask):
-    """(B, H, N_q) row losses KL(teacher top-k + tail || student) and the rows that see a key."""
-    probs, idx = cap.probs, cap.indices
-    if teacher_heads is not None:
-        probs, idx = probs[:, teacher_heads], idx[:, teacher_heads]
-    B, H, N_q, _ = q.shape
-    rows = chunk_rows(B, H, k.shape[2])
-    qf, kf = q.float(), k.float()  # once, not per chunk
-    parts, seen = [], []
-    for i0 in range(0, N_q, rows):
-        i1 = min(N_q, i0 + rows)
-        r, h = checkpoint(_topk_rows, qf, kf, probs, idx, scale, i0, i1, causal, key_padding_mask,
-                          use_reentrant=False)  # fmt: skip
-        parts.append(r)
-        seen.append(h)
-    return torch.cat(parts, 2), torch.cat(seen, 2)
 
 
 __all__ = ["AttentionCapture", "CAPTURES"]

@@ -113,6 +113,8 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         (64, "dq", dict(sparse, DELTA_ONLY=True), " dense delta"),
         (16, "fwd", dict(off, QK_Q=1, PV_Q=1), " int8 QK at D=16 (head dim padded to 32)"),
     ]
+    topk = dict(off, DIV=K.DIVERGENCES.index("topk_kl"))  # distilling from a top-k capture
+    cases += [(64, name, topk, " from a top-k capture") for name in kernels]
     n = 0
     for D, name, flags, label in cases:
         kernel = kernels[name]
@@ -122,6 +124,8 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         block_ds = max(32, D) if flags["QK_Q"] else D  # as the launcher pads it
         cst = dict(D_S=D, D_T=D, BLOCK_DS=block_ds, BLOCK_DT=D, DIV=K.DIVERGENCES.index("kl"), HAS_MASK=True,
                    CAUSAL=True, PREC=K._prec(torch.bfloat16), BLOCK_M=BM, BLOCK_N=BN)  # fmt: skip
+        if flags.get("DIV") == K.DIVERGENCES.index("topk_kl"):
+            cst.update(D_T=16, BLOCK_DT=16)  # as the launcher sets them
         if flags["DELTA_ONLY"]:
             cst["DIV"] = 0
         extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True, **flags}
@@ -140,6 +144,8 @@ def _attention_signature(kernel, cst) -> dict:
     codes = {1: "*i8", 2: "*fp8e4nv"}.get(cst.get("QK_Q", 0), "*bf16")
     ptrs = {"mask_ptr": "*u8", "th_ptr": "*i64", "cnt_ptr": "*i32", "idx_ptr": "*i32", "qc_ptr": codes,
             "kc_ptr": codes}  # fmt: skip
+    if cst["DIV"] == attention_kd.DIVERGENCES.index("topk_kl"):  # the capture's probs and indices
+        ptrs.update(qt_ptr="*fp32", kt_ptr="*i32")
     sig = {}
     for a in kernel.arg_names:
         if a in cst:

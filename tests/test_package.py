@@ -181,6 +181,7 @@ def test_cli_bench_all_quick(tmp_path):
         "sparse_quant_n_quick.csv",
     }
     assert want <= names, names
+    assert ",pykd_topk," in (tmp_path / dev / "attention_kd_d64_quick.csv").read_text()
 
 
 def test_cli_rejects_unknown_op():
