@@ -209,17 +209,37 @@ def _ste(x, value):
     return x + (value - x).detach()
 
 
+def quantize_tokens(x, fmt, block_size, *, smooth=False):
+    """Reference of :func:`pykd.sparse_quant.quantize_tokens` (op ``pykd::quantize_tokens``), in fp32
+    as the kernels compute it: (codes, scales (B, H, ceil(N / block_size)), dequantized fp32)."""
+    B, H, N, D = x.shape
+    levels = {"int8": 127.0, "fp8_e4m3": 448.0}[fmt]
+    xf = x.float()
+    if smooth:
+        xf = xf - xf.mean(2, keepdim=True)
+    nb = -(-N // block_size)
+    xp = torch.nn.functional.pad(xf, (0, 0, 0, nb * block_size - N)).view(B, H, nb, block_size, D)
+    amax = xp.abs().amax((-1, -2))
+    scale = torch.where(amax > 0, amax / levels, torch.ones_like(amax))
+    y = xp / scale[..., None, None]
+    if fmt == "int8":
+        codes = y.round().clamp(-127, 127).to(torch.int8)
+    else:
+        codes = y.clamp(-448, 448).to(torch.float8_e4m3fn)
+    deq = codes.float() * scale[..., None, None]
+    codes = codes.view(B, H, nb * block_size, D)[:, :, :N]
+    return codes, scale, deq.view(B, H, nb * block_size, D)[:, :, :N]
+
+
 def student_scores(q, k, scale, vis, spec):
     """(s, vis) of a student under an :class:`pykd.AttentionSpec` (None = dense), in q's dtype.
 
     q (B, H, N_q, D), k (B, H, N_k, D) with the heads already matched; vis (B or 1, 1, N_q, N_k).
-    Quantized Q/K: the codes and scales of ``pykd.sparse_quant.quantize_tokens`` dequantized exactly,
+    Quantized Q/K: the codes and scales of :func:`quantize_tokens` dequantized exactly,
     straight-through. Block mask: hidden blocks leave vis. Row top-k: each row keeps the entries
     >= its k-th largest visible score.
     """
     if spec is not None and spec.qk_format is not None:
-        from .sparse_quant import quantize_tokens
-
         bs = spec.block_size
         qc, qs, _ = quantize_tokens(q.detach(), spec.qk_format, bs)
         # k arrives head-repeated: per-head codes and scales are those of its K/V head

@@ -17,6 +17,7 @@ attention and attention distillation:
   P·V. Backward is straight-through: the quantizers are the identity, so the gradients are those of
   attention at the dequantized q and k with P from the quantized scores and
   Delta = rowsum(dO * out). CPU and the Triton interpreter run the same codes and scales as the GPU.
+  The quantization is one kernel pass (op ``pykd::quantize_tokens``) after the token mean.
 
 With a teacher (``pykd.attention_kd(..., student_spec=...)``) the teacher's scores are hidden
 wherever the student's are, so the teacher is renormalized over the keys the student sees.
@@ -28,7 +29,7 @@ import dataclasses
 
 import torch
 
-from . import _checks
+from . import _backend, _checks
 
 QK_FORMATS = ("int8", "fp8_e4m3")
 PV_FORMATS = ("int8", "fp8_e4m3")
@@ -97,27 +98,14 @@ def quantize_tokens(x: torch.Tensor, fmt: str, block_size: int, *, smooth: bool 
     """Per-block quantization of x (B, H, N, D): one fp32 scale per (b, h, block of ``block_size``
     tokens), scale = amax / 127 (int8, codes round-half-even, in [-127, 127]) or amax / 448 (fp8 e4m3,
     round to nearest even); a block of zeros gets scale 1. With ``smooth`` the token mean is
-    subtracted first.
+    subtracted first. One kernel pass (op ``pykd::quantize_tokens``: C++ on CPU, Triton on CUDA)
+    after the mean; the codes equal :func:`pykd.reference.quantize_tokens`'.
 
     Returns (codes (B, H, N, D) int8 or float8_e4m3fn, scales (B, H, ceil(N / block_size)) fp32,
     dequantized codes * scale (B, H, N, D) fp32).
     """
-    B, H, N, D = x.shape
-    xf = x.float()
-    if smooth:
-        xf = xf - xf.mean(2, keepdim=True)
-    nb = -(-N // block_size)
-    xp = torch.nn.functional.pad(xf, (0, 0, 0, nb * block_size - N)).view(B, H, nb, block_size, D)
-    amax = xp.abs().amax((-1, -2))
-    scale = torch.where(amax > 0, amax / _LEVELS[fmt], torch.ones_like(amax))
-    y = xp / scale[..., None, None]
-    if fmt == "int8":
-        codes = y.round().clamp(-127, 127).to(torch.int8)
-    else:
-        codes = y.clamp(-448, 448).to(torch.float8_e4m3fn)
-    deq = codes.float() * scale[..., None, None]
-    codes = codes.view(B, H, nb * block_size, D)[:, :, :N]
-    return codes, scale, deq.view(B, H, nb * block_size, D)[:, :, :N]
+    mean = x.float().mean(2) if smooth else None  # as the reference computes it: same codes
+    return torch.ops.pykd.quantize_tokens(x, mean, fmt, block_size)
 
 
 def quantize_p(p: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -259,6 +247,22 @@ def quantized_attention(q, k, v, *, qk_format="int8", pv_format="fp8_e4m3", smoo
 
     spec = AttentionSpec(qk_format=qk_format, pv_format=pv_format, smooth_k=smooth_k, block_size=block_size)
     return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, spec=spec)
+
+
+def _quantize_tokens_fake(x, mean, fmt, block_size):
+    B, H, N, D = x.shape
+    dt = torch.float8_e4m3fn if fmt == "fp8_e4m3" else torch.int8
+    nb = -(-N // block_size)
+    return (x.new_empty((B, H, N, D), dtype=dt), x.new_empty((B, H, nb), dtype=torch.float32),
+            x.new_empty((B, H, N, D), dtype=torch.float32))  # fmt: skip
+
+
+if _backend.has_cpp():
+    torch.library.register_fake("pykd::quantize_tokens")(_quantize_tokens_fake)
+    if _backend.HAS_TRITON:
+        from .kernels import sparse_quant as _ksq
+
+        _backend.triton_impl("quantize_tokens")(_ksq.quantize_tokens)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pykd.kernels import attention_kd, common, kd_loss, topk_kd_loss
+from pykd.kernels import attention_kd, common, kd_loss, sparse_quant, topk_kd_loss
 
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 
@@ -60,6 +60,24 @@ def compile_all(arch: int) -> int:
     n += compile_topk(target)
     # fp8 e4m3 needs sm_89+: on sm_80 the quantized variants compile with int8 only
     n += compile_attention(target, head_dims=(64, 128) if arch >= 90 else (64,), fp8=arch >= 89)
+    n += compile_quantize(target, fp8=arch >= 89)
+    return n
+
+
+def compile_quantize(target, fp8=True) -> int:
+    """The Q/K quantization pre-pass, bf16 input at D = 128 and 64-token blocks, with smoothing."""
+    n = 0
+    for is_fp8 in (False, True) if fp8 else (False,):
+        cst = dict(D=128, BLOCK_D=128, BS=64, HAS_MEAN=True, FP8=is_fp8)
+        sig = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "codes_ptr": "*fp8e4nv" if is_fp8 else "*i8",
+               "scale_ptr": "*fp32", "deq_ptr": "*fp32", "stride_xb": "i32", "stride_xh": "i32",
+               "stride_xn": "i32", "stride_xd": "i32", "H": "i32", "N": "i32", "NB": "i32",
+               "levels": "fp32"}  # fmt: skip
+        src = ASTSource(fn=sparse_quant._quantize_tokens_kernel, signature=dict(sig, **dict.fromkeys(cst,
+                        "constexpr")), constexprs=cst)  # fmt: skip
+        assert triton.compile(src, target=target, options={"num_warps": 8}).asm.get("cubin")
+        print(f"quantize_tokens bfloat16 D=128 {'fp8_e4m3' if is_fp8 else 'int8'}", flush=True)
+        n += 1
     return n
 
 

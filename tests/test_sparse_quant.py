@@ -280,11 +280,12 @@ def test_poisoned_outputs(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
-def test_quantize_tokens(fmt):
-    """One scale per (b, h, block) = amax / 127 or 448; codes in range; the dequantized values within
-    half a code step (int8) or 2^-4 relative (fp8 e4m3, 3 mantissa bits); K smoothing removes the mean."""
+def test_quantize_tokens_reference(fmt):
+    """The reference quantizer: one scale per (b, h, block) = amax / 127 or 448; codes in range; the
+    dequantized values within half a code step (int8) or 2^-4 relative (fp8 e4m3, 3 mantissa bits);
+    K smoothing removes the mean."""
     x = torch.randn(2, 3, 37, 8) * torch.rand(2, 3, 37, 1) * 5 + 2.0
-    codes, scale, deq = quantize_tokens(x, fmt, 16, smooth=False)
+    codes, scale, deq = reference.quantize_tokens(x, fmt, 16, smooth=False)
     L = 127.0 if fmt == "int8" else 448.0
     blocks = torch.nn.functional.pad(x, (0, 0, 0, 48 - 37)).view(2, 3, 3, 16, 8)
     assert_close(scale, blocks.abs().amax((-1, -2)) / L, rtol=1e-7, atol=0)
@@ -295,9 +296,60 @@ def test_quantize_tokens(fmt):
     else:
         assert codes.dtype == torch.float8_e4m3fn and codes.float().abs().max() <= 448
         assert ((deq - x).abs() <= x.abs() * 2.0**-4 + s * 2.0**-9).all()
-    _, _, sm = quantize_tokens(x, fmt, 16, smooth=True)
+    _, _, sm = reference.quantize_tokens(x, fmt, 16, smooth=True)
     assert (sm.mean(2) - 0).abs().max() < 0.1 * x.abs().max()
-    assert_close(quantize_tokens(torch.zeros(1, 1, 5, 4), fmt, 16)[1], torch.ones(1, 1, 1))
+    assert_close(reference.quantize_tokens(torch.zeros(1, 1, 5, 4), fmt, 16)[1], torch.ones(1, 1, 1))
+
+
+def check_quantize(backend, x, fmt, bs, smooth):
+    """The op's codes, scales and dequantized values equal the reference's bit for bit."""
+    with backend():
+        got = quantize_tokens(x, fmt, bs, smooth=smooth)
+    want = reference.quantize_tokens(x.cpu(), fmt, bs, smooth=smooth)
+    for name, a, e in zip(("codes", "scale", "deq"), got, want):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert torch.equal(a.cpu().view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.cpu(),
+                           e.view(torch.uint8) if e.dtype == torch.float8_e4m3fn else e), name  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_quantize_tokens_op(backend, fmt, monkeypatch):
+    """pykd::quantize_tokens against the reference: odd N and D, smoothing, bf16 and a transposed
+    layout, an all-zero block, +-1e4 values, and exact rounding ties (half to even)."""
+    monkeypatch.setenv("PYKD_POISON_OUTPUTS", "1")
+    dev = backend.device
+    x = (torch.randn(2, 3, 37, 12) * torch.rand(2, 3, 37, 1) * 5 + 2.0).to(dev)
+    x[0, 1, 16:32] = 0.0
+    for bs, smooth in ((16, False), (32, True)):
+        check_quantize(backend, x, fmt, bs, smooth)
+    check_quantize(backend, x.bfloat16(), fmt, 16, True)
+    check_quantize(backend, x.transpose(1, 2).contiguous().transpose(1, 2), fmt, 16, True)
+    check_quantize(backend, (x * 5e3).clamp(-1e4, 1e4), fmt, 64, False)
+    # Ties with scale 1 (amax = L): int8 2.5 -> 2, 3.5 -> 4, -0.5 -> 0; fp8 1.0625 -> 1, 1.1875 -> 1.25
+    L = 127.0 if fmt == "int8" else 448.0
+    t = [2.5, 3.5, -0.5, -126.5] if fmt == "int8" else [1.0625, 1.1875, -1.0625, 2.125]
+    ties = torch.tensor([L] + t + [0.0] * 11, device=dev).view(1, 1, 16, 1)
+    check_quantize(backend, ties, fmt, 16, False)
+    with backend():
+        c = quantize_tokens(ties, fmt, 16)[0].float().flatten()[1:5].tolist()
+    assert c == ([2.0, 4.0, -0.0, -126.0] if fmt == "int8" else [1.0, 1.25, -1.0, 2.0]), c
+
+
+@settings(max_examples=30)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    N=st.integers(1, 150),
+    D=st.integers(1, 40),
+    bs=st.sampled_from([16, 32, 64, 128]),
+    fmt=st.sampled_from(["int8", "fp8_e4m3"]),
+    smooth=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+)
+def test_quantize_tokens_property(backend, B, H, N, D, bs, fmt, smooth, dtype, scale):
+    x = (torch.randn(B, H, N, D) * scale + 0.5 * scale).to(dtype).to(backend.device)
+    check_quantize(backend, x, fmt, bs, smooth)
 
 
 def cosine(a, b):
@@ -462,6 +514,8 @@ def test_opcheck(backend):
                  m, th, out.detach(), lse, stats, "kl", True, 0.3, 0.2, 2.0, bm, 16, thr, True, qc, kc, qs,
                  ks)  # fmt: skip
         torch.library.opcheck(ops.attention_kd_bwd.default, bargs)
+        for fmt, mean in (("int8", None), ("fp8_e4m3", k.float().mean(2))):
+            torch.library.opcheck(ops.quantize_tokens.default, (k, mean, fmt, 16))
 
 
 # ------------------------------------------------------------------ bad input
