@@ -19,7 +19,8 @@
 // wherever the student's are (renormalized over them).
 // A top-k capture in place of the teacher (Div::kTopKKL) gives each tile p_t on the captured keys
 // (scattered, -1 elsewhere); the forward adds the student's lse over the keys outside K, the
-// backward c p_s - p_t [in K] - T p_out [not in K] (see kernels/attention_kd.py).
+// backward c p_s - p_t [in K] - T p_out [not in K] (see kernels/attention_kd.py). A stored uint8
+// map of the teacher's P (teacher_map) gives t = ln(code), renormalized by the softmax.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -64,6 +65,7 @@ struct Problem {
   std::vector<int64_t> th;       // teacher head of each student head
   Div div;
   bool causal;
+  bool tmap = false;  // q_t is a uint8 map of the teacher's P (B, H_t, N_q, N_k): t = ln(code)
   double scale_s, scale_t, inv_tau;
   int64_t B, H, Hkv, Nq, Nk, Ds, Gs, Gt;
   int64_t bs = 0, tile = kTile;  // block size (mask and quantization); query rows per task
@@ -73,12 +75,13 @@ struct Problem {
           const std::optional<Tensor>& qt_, const std::optional<Tensor>& kt_,
           const std::optional<Tensor>& mask_, const std::optional<Tensor>& th_, const std::string& d,
           bool causal_, double ss, double st, double tau, const std::optional<Tensor>& bm_,
-          int64_t bs_, const std::optional<Tensor>& thr_)
+          int64_t bs_, const std::optional<Tensor>& thr_, bool tmap_ = false)
       : q(q_.to(at::kFloat).contiguous()),
         k(k_.to(at::kFloat).contiguous()),
         v(f32(v_)),
         div(parse_attention_divergence(d)),
         causal(causal_),
+        tmap(tmap_ && div != Div::kNone),
         scale_s(ss),
         scale_t(st),
         inv_tau(1.0 / tau) {
@@ -88,7 +91,12 @@ struct Problem {
     TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "pykd: K/V heads must divide the query heads");
     Gs = H / Hkv;
     Gt = 1;
-    if (div != Div::kNone) {
+    if (tmap) {
+      TORCH_CHECK_VALUE(qt_.has_value() && qt_->scalar_type() == at::kByte && qt_->dim() == 4 &&
+                            qt_->size(0) == B && qt_->size(2) == Nq && qt_->size(3) == Nk,
+                        "pykd: a teacher map must be uint8 (B, H_t, N_q, N_k)");
+      qt = qt_->contiguous();  // uint8: converted per tile
+    } else if (div != Div::kNone) {
       TORCH_CHECK_VALUE(qt_.has_value() && kt_.has_value(), "pykd: a divergence needs q_t and k_t");
       qt = qt_->to(at::kFloat).contiguous();
       kt = kt_->to(div == Div::kTopKKL ? at::kLong : at::kFloat).contiguous();
@@ -98,6 +106,8 @@ struct Problem {
       TORCH_CHECK_VALUE(kt.size(1) > 0 && qt.size(1) % kt.size(1) == 0,
                         "pykd: teacher K heads must divide the teacher query heads");
       Gt = qt.size(1) / kt.size(1);
+    }
+    if (div != Div::kNone) {
       th.resize(H);
       for (int64_t h = 0; h < H; ++h) th[h] = h;
       if (th_.has_value()) {
@@ -191,6 +201,10 @@ Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
     auto tk = at::full({rows, P.Nk}, -1.0, T.s.options())
                   .scatter_(1, P.kt[b][th].narrow(0, m0, rows), P.qt[b][th].narrow(0, m0, rows));
     T.t = T.cols.defined() ? tk.index_select(1, T.cols) : tk.narrow(1, 0, T.n);
+  } else if (P.tmap) {  // t = ln(code): the softmax renormalizes, a 0 code is -inf
+    auto c = P.qt[b][P.th[h]].narrow(0, m0, rows);
+    T.t = (T.cols.defined() ? c.index_select(1, T.cols) : c.narrow(1, 0, T.n)).to(at::kFloat).log_();
+    if (T.vis.defined()) T.t.masked_fill_(T.vis.logical_not(), -kInf);
   } else if (P.div != Div::kNone) {
     const int64_t th = P.th[h];
     auto Kt = T.take(P.kt[b][th / P.Gt]);
@@ -240,10 +254,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
     double scale_s, double scale_t, double temperature, const std::optional<Tensor>& block_mask,
     int64_t block_size, const std::optional<Tensor>& row_threshold, const std::optional<Tensor>& q_codes,
     const std::optional<Tensor>& k_codes, const std::optional<Tensor>& q_scale,
-    const std::optional<Tensor>& k_scale, const std::string& pv_format) {
+    const std::optional<Tensor>& k_scale, const std::string& pv_format, bool teacher_map) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
   Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s, scale_t,
-            temperature, block_mask, block_size, row_threshold);
+            temperature, block_mask, block_size, row_threshold, teacher_map);
   P.set_quant(q_codes, k_codes, q_scale, k_scale, pv_format);
   const auto f = q.options().dtype(at::kFloat);
   const bool has_div = P.div != Div::kNone;
@@ -327,8 +341,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
         lt = at::where(has, mt * it + l_t.log(), kInf);
         auto ps = (T.s * it - ls).exp_();
         auto pt = (T.t * it - lt).exp_();
-        if (P.div == Div::kKL) {
-          r = where_vis(T, pt * (T.t - T.s)).sum(1, true) * it + gap;
+        if (P.div == Div::kKL) {  // pt > 0: a 0 code of a teacher map has t = -inf and adds nothing
+          r = where_vis(T, at::where(pt > 0, pt * (T.t - T.s), at::zeros({}, f))).sum(1, true) * it + gap;
         } else if (P.div == Div::kReverseKL) {
           r = where_vis(T, ps * (T.s - T.t)).sum(1, true) * it - gap;
           aux = r;
@@ -358,11 +372,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
     double temperature, const std::optional<Tensor>& block_mask, int64_t block_size,
     const std::optional<Tensor>& row_threshold, bool dense_delta, const std::optional<Tensor>& q_codes,
     const std::optional<Tensor>& k_codes, const std::optional<Tensor>& q_scale,
-    const std::optional<Tensor>& k_scale) {
+    const std::optional<Tensor>& k_scale, bool teacher_map) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads,
             grad_row.has_value() ? divergence : std::string("none"), causal, scale_s, scale_t, temperature,
-            block_mask, block_size, row_threshold);
+            block_mask, block_size, row_threshold, teacher_map);
   P.set_quant(q_codes, k_codes, q_scale, k_scale, "none");  // the forward's scores, from the codes
   const auto f = q.options().dtype(at::kFloat);
   const bool has_do = grad_out.has_value() && P.v.defined();
@@ -436,7 +450,7 @@ TORCH_LIBRARY_FRAGMENT(pykd, m) {
       "Tensor? key_padding_mask, Tensor? teacher_heads, str divergence, bool causal, float scale_s, "
       "float scale_t, float temperature, Tensor? block_mask=None, int block_size=0, "
       "Tensor? row_threshold=None, Tensor? q_codes=None, Tensor? k_codes=None, Tensor? q_scale=None, "
-      "Tensor? k_scale=None, str pv_format=\"none\") "
+      "Tensor? k_scale=None, str pv_format=\"none\", bool teacher_map=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_kd_bwd(Tensor? grad_out, Tensor? grad_row, Tensor q, Tensor k, Tensor? v, "
@@ -444,7 +458,7 @@ TORCH_LIBRARY_FRAGMENT(pykd, m) {
       "Tensor lse, Tensor stats, str divergence, bool causal, float scale_s, float scale_t, "
       "float temperature, Tensor? block_mask=None, int block_size=0, Tensor? row_threshold=None, "
       "bool dense_delta=False, Tensor? q_codes=None, Tensor? k_codes=None, Tensor? q_scale=None, "
-      "Tensor? k_scale=None) "
+      "Tensor? k_scale=None, bool teacher_map=False) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

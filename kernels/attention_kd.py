@@ -203,6 +203,21 @@ def _topk_tile(p_base, i_base, stride_pn, stride_in, offs_m, row_ok, offs_n, K_C
 
 
 @triton.jit
+def _map_tile(base, stride_n, offs_m, row_ok, offs_n, col_ok, TRANS: tl.constexpr):
+    """Teacher scores (log2 units) from a stored uint8 map of P: t2_ij = log2(code_ij), -inf for a
+    0 code; the softmax renormalizes, so the codes' scale never matters. (BLOCK_N, BLOCK_M) with
+    TRANS."""
+    offs_m = offs_m.to(tl.int64)  # a map holds N_q * N_k entries per head
+    if TRANS:
+        ptr = base + offs_m[None, :] * stride_n + offs_n[:, None]
+        c = tl.load(ptr, mask=row_ok[None, :] & col_ok[:, None], other=0)
+    else:
+        ptr = base + offs_m[:, None] * stride_n + offs_n[None, :]
+        c = tl.load(ptr, mask=row_ok[:, None] & col_ok[None, :], other=0)
+    return tl.math.log2(c.to(tl.float32))
+
+
+@triton.jit
 def _attention_kd_fwd_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr,
     cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr,
@@ -216,6 +231,7 @@ def _attention_kd_fwd_kernel(
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     SAME_TAU: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr, PV_Q: tl.constexpr,
+    T_MAP: tl.constexpr,
 ):  # fmt: skip
     LN2: tl.constexpr = 0.6931471805599453
     pid_m = tl.program_id(0)
@@ -249,7 +265,7 @@ def _attention_kd_fwd_kernel(
         th = tl.load(th_ptr + h).to(tl.int64)
         qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
         kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
-        if DIV != 5:
+        if DIV != 5 and not T_MAP:
             qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -310,12 +326,15 @@ def _attention_kd_fwd_kernel(
                 a1 += tl.sum(tl.where(pos, tk * (m_use[:, None] - s), 0.0), 1)
                 a2 += tl.sum(tl.where(pos, tk, 0.0), 1)
             elif DIV != 0:
-                ktT = tl.load(
-                    kt_base + offs_n[None, :] * stride_tkn + offs_dt[:, None],
-                    mask=col_ok[None, :] & (offs_dt < D_T)[:, None],
-                    other=0.0,
-                )
-                t = tl.dot(qt, ktT, input_precision=PREC) * qk_scale_t
+                if T_MAP:
+                    t = _map_tile(qt_base, stride_tqn, offs_m, row_ok, offs_n, col_ok, False)
+                else:
+                    ktT = tl.load(
+                        kt_base + offs_n[None, :] * stride_tkn + offs_dt[:, None],
+                        mask=col_ok[None, :] & (offs_dt < D_T)[:, None],
+                        other=0.0,
+                    )
+                    t = tl.dot(qt, ktT, input_precision=PREC) * qk_scale_t
                 t = tl.where(vis, t, float("-inf"))
                 if DIV == 4:
                     d = tl.where(vis, s - t, 0.0)
@@ -335,7 +354,8 @@ def _attention_kd_fwd_kernel(
                     pt = tl.math.exp2((t - mt_use[:, None]) * inv_tau)
                     l_t = l_t * alpha_t + tl.sum(pt, 1)
                     if DIV == 1:
-                        a1 = a1 * alpha_t + tl.sum(tl.where(vis, pt * (t - s), 0.0), 1)
+                        # pt > 0: a 0 code of a uint8 map has t = -inf and adds nothing
+                        a1 = a1 * alpha_t + tl.sum(tl.where(vis & (pt > 0.0), pt * (t - s), 0.0), 1)
                     elif DIV == 2:
                         a1 = a1 * alpha_s + tl.sum(tl.where(vis, ps * (s - t), 0.0), 1)
                     else:
@@ -432,7 +452,7 @@ def _attention_kd_bwd_dkdv_kernel(
     D_S: tl.constexpr, D_T: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr,
+    HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr, T_MAP: tl.constexpr,
 ):  # fmt: skip
     """dk = scale_s sum_i dS_ij q_i, dv = sum_i P_ij dO_i over the GQA group, in (key, query) tiles.
     With QK_Q the scores come from the codes, as in the forward."""
@@ -470,7 +490,7 @@ def _attention_kd_bwd_dkdv_kernel(
             th = tl.load(th_ptr + h).to(tl.int64)
             qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
             kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
-            if DIV != 5:
+            if DIV != 5 and not T_MAP:
                 kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
         n_blk, lst = _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
                                  pid_n * BLOCK_N // BS, NB, HAS_BM)  # fmt: skip
@@ -509,6 +529,8 @@ def _attention_kd_bwd_dkdv_kernel(
                     if DIV == 5:
                         tT = _topk_tile(qt_base, kt_base, stride_tqn, stride_tkn, offs_m, row_ok, offs_n,
                                         K_CAP, BLOCK_M, BLOCK_N, True)  # fmt: skip
+                    elif T_MAP:
+                        tT = _map_tile(qt_base, stride_tqn, offs_m, row_ok, offs_n, col_ok, True)
                     else:
                         qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
                         tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
@@ -537,6 +559,7 @@ def _attention_kd_bwd_dq_kernel(
     DIV: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, DELTA_ONLY: tl.constexpr, QK_Q: tl.constexpr,
+    T_MAP: tl.constexpr,
 ):  # fmt: skip
     """dq = scale_s sum_j dS_ij k_j, in (query, key) tiles. DELTA_ONLY: write
     Delta_i = sum_j P_ij dP_ij to delta_ptr instead (the dense Delta of a quantized-P forward, whose
@@ -571,7 +594,7 @@ def _attention_kd_bwd_dq_kernel(
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
         qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
-        if DIV != 5:
+        if DIV != 5 and not T_MAP:
             qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
         kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
         gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
@@ -613,6 +636,8 @@ def _attention_kd_bwd_dq_kernel(
                 if DIV == 5:
                     t = _topk_tile(qt_base, kt_base, stride_tqn, stride_tkn, offs_m, row_ok, offs_n, K_CAP,
                                    BLOCK_M, BLOCK_N, False)  # fmt: skip
+                elif T_MAP:
+                    t = _map_tile(qt_base, stride_tqn, offs_m, row_ok, offs_n, col_ok, False)
                 else:
                     kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
                     t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
@@ -662,15 +687,17 @@ def _block_lists(block_mask, block_size, causal, B, H):
 
 
 def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask=None,
-            block_size=0, row_threshold=None, causal=False, quantized=False):  # fmt: skip
+            block_size=0, row_threshold=None, causal=False, quantized=False, teacher_map=False):  # fmt: skip
     q, k, v, q_t, k_t = (_last_dim_contiguous(x) for x in (q, k, v, q_t, k_t))
     B, H, N_Q, D_S = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     DIV = DIVERGENCES.index(divergence)
     K_CAP = 0
+    if DIV and teacher_map:  # q_t: a uint8 map of the teacher's P (B, H_t, N_q, N_k); no k_t
+        q_t = k_t = q_t.contiguous()
     if DIV == 5:  # a top-k capture: no teacher head dim; int32 indices for the kernels' compares
         K_CAP, q_t, k_t = q_t.shape[3], q_t.float().contiguous(), k_t.to(torch.int32).contiguous()
-    D_T = q_t.shape[3] if DIV and DIV != 5 else 16
+    D_T = q_t.shape[3] if DIV and DIV != 5 and not teacher_map else 16
     G_T = q_t.shape[1] // k_t.shape[1] if DIV else 1
     if DIV and teacher_heads is None:
         teacher_heads = torch.arange(H, device=q.device)
@@ -694,7 +721,7 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, bloc
         consts=dict(D_S=D_S, D_T=D_T, BLOCK_DS=max(32 if quantized else 16, triton.next_power_of_2(D_S)),
                     BLOCK_DT=max(16, triton.next_power_of_2(D_T)), DIV=DIV,
                     HAS_MASK=mask is not None, PREC=_prec(q.dtype), HAS_BM=block_mask is not None,
-                    HAS_THR=row_threshold is not None),
+                    HAS_THR=row_threshold is not None, T_MAP=bool(teacher_map and DIV)),
     )  # fmt: skip
 
 
@@ -722,11 +749,11 @@ def _quant_args(q_codes, k_codes, q_scale, k_scale, dummy):
 def attention_kd_fwd(
     q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s, scale_t, temperature,
     block_mask=None, block_size=0, row_threshold=None, q_codes=None, k_codes=None, q_scale=None,
-    k_scale=None, pv_format="none",
+    k_scale=None, pv_format="none", teacher_map=False,
 ):  # fmt: skip
     """Launcher of ``pykd::attention_kd_fwd``: (out, row_loss, lse, stats); see the module docstring."""
     c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask, block_size,
-                row_threshold, causal, quantized=q_codes is not None)  # fmt: skip
+                row_threshold, causal, quantized=q_codes is not None, teacher_map=teacher_map)  # fmt: skip
     B, H, N_Q, D_S, DIV = c["B"], c["H"], c["N_Q"], c["D_S"], c["DIV"]
     dev = q.device
     out = new_output((B, H, N_Q, D_S), device=dev, dtype=q.dtype) if v is not None else q.new_empty(0)
@@ -753,7 +780,7 @@ def attention_kd_fwd(
 def attention_kd_bwd(
     grad_out, grad_row, q, k, v, q_t, k_t, key_padding_mask, teacher_heads, out, lse, stats,
     divergence, causal, scale_s, scale_t, temperature, block_mask=None, block_size=0, row_threshold=None,
-    dense_delta=False, q_codes=None, k_codes=None, q_scale=None, k_scale=None,
+    dense_delta=False, q_codes=None, k_codes=None, q_scale=None, k_scale=None, teacher_map=False,
 ):  # fmt: skip
     """Launcher of ``pykd::attention_kd_bwd``: (dq, dk, dv). grad_out None skips the attention
     term, grad_row None the divergence term; dense_delta computes Delta = sum_j P dP from the
@@ -761,7 +788,7 @@ def attention_kd_bwd(
     if grad_row is None:
         divergence = "none"
     c = _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, block_mask, block_size,
-                row_threshold, causal, quantized=q_codes is not None)  # fmt: skip
+                row_threshold, causal, quantized=q_codes is not None, teacher_map=teacher_map)  # fmt: skip
     B, H, H_KV, N_Q, N_K = c["B"], c["H"], c["H_KV"], c["N_Q"], c["N_K"]
     dev = q.device
     dq = new_output(q.shape, device=dev, dtype=q.dtype)

@@ -217,8 +217,9 @@ def attention_kd(
             the student sees, the teacher renormalized over them.
         teacher: optional :class:`pykd.AttentionCapture` (from ``pykd.attention(..., capture=...)``)
             in place of q_t, k_t. An "lse" capture carries the teacher's q, k and scale (any
-            divergence); a "topk" capture distills KL(teacher top-k + tail bucket || student) (see
-            :mod:`pykd.capture`; divergence "kl", temperature 1, no sparse student_spec).
+            divergence); a "topk" capture distills KL(teacher top-k + tail bucket || student)
+            (divergence "kl", temperature 1, no sparse student_spec); a "uint8" capture is the
+            teacher's stored map (divergence "kl" or "mse"). See :mod:`pykd.capture`.
 
     A row counts if its query is real and it sees at least one key; others give 0 loss and 0
     gradient, and rows that see no key give out = 0, never NaN.
@@ -277,6 +278,23 @@ def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, t
         raise ValueError(f"teacher capture was taken with causal={teacher.causal}; got causal={causal}")
     if teacher.kind == "lse":
         return teacher.q, teacher.k, teacher.scale, None
+    if teacher.kind == "uint8":
+        codes = teacher.codes
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+            got = getattr(codes, "dtype", type(codes))
+            raise TypeError(f'a "uint8" capture needs uint8 codes, got {got}')
+        want = (*lse.shape, k_s.shape[2])
+        if tuple(codes.shape) != want or codes.device != lse.device:
+            raise ValueError(
+                f'a "uint8" capture needs codes of shape (B, H_t, N_q, N_k) = {want} on {lse.device}, got '
+                f"{tuple(codes.shape)} on {codes.device}"
+            )
+        if divergence not in ("kl", "mse"):
+            raise ValueError(
+                f'a "uint8" teacher capture distills divergence "kl" or "mse" (its 0 codes have no log), '
+                f"got {divergence!r}"
+            )
+        return None, None, None, teacher
     _check_topk_capture(teacher, lse.shape, k_s.shape[2])
     if divergence != "kl":
         raise ValueError(f'a "topk" teacher capture distills divergence="kl" only, got {divergence!r}')
@@ -312,17 +330,22 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
                   temperature, teacher_heads, reduction, student_spec, teacher=None):  # fmt: skip
     q_t, k_t, scale_t, cap = _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence,
                                               temperature, student_spec)  # fmt: skip
-    if cap is not None:
+    if cap is not None and cap.kind == "topk":
         return _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads,
                                   reduction, student_spec)  # fmt: skip
     scale_s = _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction)
-    temperature, scale_t, th = _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature,
-                                                teacher_heads)  # fmt: skip
+    if cap is not None:  # a uint8 map: t = ln(code), in the kernels
+        temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+        th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
+        q_t, scale_t = cap.codes, 1.0
+    else:
+        temperature, scale_t, th = _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature,
+                                                    teacher_heads)  # fmt: skip
     q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
                                      scale=scale_s, divergence=divergence, name="student_spec")  # fmt: skip
     out, row, lse, stats = torch.ops.pykd.attention_kd_fwd(
-        q_op, k_op, v_s, q_t.detach(), k_t.detach(), key_padding_mask, th, divergence, causal, scale_s,
-        scale_t, temperature, *extra,
+        q_op, k_op, v_s, q_t.detach(), k_t.detach() if k_t is not None else None, key_padding_mask, th,
+        divergence, causal, scale_s, scale_t, temperature, *extra, cap is not None,
     )  # fmt: skip
     pairs = stats[..., 2] if divergence == "mse_scores" else None
     loss = _reduce(row, lse < float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction, pairs)
@@ -370,8 +393,8 @@ def attention(
             row that sees no key; such a row's output is 0). The lse carries no gradient.
         spec: optional :class:`pykd.AttentionSpec`: block-sparse, row-top-k and/or quantized
             attention (DESIGN.md section 6; see :mod:`pykd.sparse_quant`).
-        capture: "lse" or "topk" also returns a :class:`pykd.AttentionCapture` of this (dense,
-            teacher) attention for later ``attention_kd(..., teacher=capture)``; see
+        capture: "lse", "topk" or "uint8" also returns a :class:`pykd.AttentionCapture` of this
+            (dense, teacher) attention for later ``attention_kd(..., teacher=capture)``; see
             :mod:`pykd.capture`. capture_k: the K of "topk".
 
     Returns:
@@ -479,28 +502,29 @@ def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature = inputs[:12]
-    block_mask, block_size, row_threshold, *codes, pv_format = inputs[12:20]
+    block_mask, block_size, row_threshold, *codes, pv_format, teacher_map = inputs[12:21]
     out, row, lse, stats = output
     ctx.mark_non_differentiable(lse, stats)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, q_t, k_t, mask, th, out, lse, stats, block_mask, row_threshold, *codes)
-    ctx.opts = (divergence, causal, scale_s, scale_t, temperature, block_size, pv_format != "none")
+    dense_delta = pv_format != "none"  # a quantized-P out is not P V
+    ctx.opts = (divergence, causal, scale_s, scale_t, temperature, block_size, dense_delta, teacher_map)
 
 
 def _fwd_backward(ctx, d_out, d_row, d_lse, d_stats):
     q, k, v, q_t, k_t, mask, th, out, lse, stats, block_mask, row_threshold, *codes = ctx.saved_tensors
-    divergence, causal, scale_s, scale_t, temperature, block_size, dense_delta = ctx.opts
+    divergence, causal, scale_s, scale_t, temperature, block_size, dense_delta, teacher_map = ctx.opts
     if v is None:
         d_out = None
     if divergence == "none":
         d_row = None
     if d_out is None and d_row is None:
-        return (None,) * 20
+        return (None,) * 21
     dq, dk, dv = torch.ops.pykd.attention_kd_bwd(
         d_out, d_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal, scale_s,
-        scale_t, temperature, block_mask, block_size, row_threshold, dense_delta, *codes,
+        scale_t, temperature, block_mask, block_size, row_threshold, dense_delta, *codes, teacher_map,
     )  # fmt: skip
-    return (dq, dk, (dv if v is not None else None)) + (None,) * 17
+    return (dq, dk, (dv if v is not None else None)) + (None,) * 18
 
 
 def _bwd_setup_context(ctx, inputs, output):

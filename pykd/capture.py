@@ -1,7 +1,8 @@
 """Teacher attention capture (DESIGN.md section 6): keep a teacher's attention cheaply, distill from it
 later.
 
-``pykd.attention(q, k, v, capture="lse" | "topk", capture_k=K)`` returns ``(out, AttentionCapture)``:
+``pykd.attention(q, k, v, capture="lse" | "topk" | "uint8", capture_k=K)`` returns
+``(out, AttentionCapture)``:
 
 - ``"lse"``: the fp32 (B, H, N_q) log-sum-exp of the teacher's rows, with (references to) its q and k
   and scale: ``attention_kd(..., teacher=capture)`` recomputes the teacher's scores from them in the
@@ -23,6 +24,13 @@ later.
   among a row's K that the student does not see (a different key_padding_mask) makes that row's
   loss infinite, as the KL is. Taking the capture is a chunked pre-pass (query chunks against all
   keys, O(chunk · N) memory, top-k by ``torch.topk``), run once per teacher.
+- ``"uint8"``: the whole map at one byte per entry, code_ij = round(255 exp(t_ij - max_j t_ij))
+  (B, H, N_q, N_k) uint8: each row relative to its largest probability, which gets 255; entries
+  below 1/510 of it become 0. O(N^2) per head, a quarter of an fp32 map. ``attention_kd`` takes
+  t_ij = ln code_ij as the teacher's scores (the softmax renormalizes, so the teacher is
+  p_t ∝ code^(1/tau)) for divergence "kl" or "mse"; a 0 code is a key the teacher ignores
+  (reverse KL and mse_scores would need its log, so they are refused). Any student spec works: the
+  map is renormalized over the keys the student sees, as a live teacher is.
 """
 
 from __future__ import annotations
@@ -34,17 +42,19 @@ import torch
 from . import _checks
 from .sparse_quant import chunk_rows, scores_chunk
 
-CAPTURES = ("lse", "topk")
+CAPTURES = ("lse", "topk", "uint8")
+MAP_LEVELS = 255.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AttentionCapture:
     """A teacher's attention, kept for later distillation (see :mod:`pykd.capture`).
 
-    Fields: ``kind`` ("lse" | "topk"); ``lse`` (B, H, N_q) fp32 (+inf for a row that sees no key);
-    ``q``, ``k``, ``scale`` (kind "lse": the detached teacher q (B, H, N_q, D), k (B, H_kv, N_k, D));
-    ``probs`` (B, H, N_q, K) fp32 and ``indices`` (B, H, N_q, K) int64 (kind "topk"; probabilities
-    in descending order, 0 where a row sees fewer than K keys); ``causal`` and ``num_keys`` (N_k).
+    Fields: ``kind`` ("lse" | "topk" | "uint8"); ``lse`` (B, H, N_q) fp32 (+inf for a row that sees
+    no key); ``q``, ``k``, ``scale`` (kind "lse": the detached teacher q (B, H, N_q, D), k
+    (B, H_kv, N_k, D)); ``probs`` (B, H, N_q, K) fp32 and ``indices`` (B, H, N_q, K) int64 (kind
+    "topk"; probabilities in descending order, 0 where a row sees fewer than K keys); ``codes``
+    (B, H, N_q, N_k) uint8 (kind "uint8", 0 where hidden); ``causal`` and ``num_keys`` (N_k).
     """
 
     kind: str
@@ -56,6 +66,7 @@ class AttentionCapture:
     k: torch.Tensor | None = None
     probs: torch.Tensor | None = None
     indices: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
 
     @property
     def heads(self) -> int:
@@ -68,10 +79,22 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
     _checks.choice("capture", kind, CAPTURES)
     q, k = q.detach(), k.detach()
     N_k = k.shape[2]
+    if kind != "topk" and capture_k is not None:
+        raise ValueError(f'capture_k is for capture="topk"; leave it None with capture="{kind}"')
     if kind == "lse":
-        if capture_k is not None:
-            raise ValueError('capture_k is for capture="topk"; leave it None with capture="lse"')
         return AttentionCapture("lse", lse, causal, N_k, scale, q=q, k=k)
+    if kind == "uint8":
+        B, H, N_q, _ = q.shape
+        codes = torch.empty((B, H, N_q, N_k), dtype=torch.uint8, device=q.device)
+        rows = chunk_rows(B, H, N_k)
+        qf, kf = q.float(), k.float()
+        for i0 in range(0, N_q, rows):
+            i1 = min(N_q, i0 + rows)
+            s = scores_chunk(qf, kf, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
+            m = s.amax(-1, keepdim=True)
+            e = torch.exp(s - torch.where(m > float("-inf"), m, 0.0))  # hidden: 0
+            codes[:, :, i0:i1] = (e * MAP_LEVELS).round_().to(torch.uint8)
+        return AttentionCapture("uint8", lse, causal, N_k, scale, codes=codes)
     K = _checks.integer("capture_k", capture_k) if capture_k is not None else None
     if K is None or not 1 <= K <= N_k:
         raise ValueError(f'capture="topk" needs capture_k in [1, N_k={N_k}], got {capture_k}')

@@ -308,21 +308,25 @@ def attention_kd(
     teacher_heads=None,
     reduction="mean",
     student_spec=None,
+    teacher_map=None,
 ):
-    """Reference of :func:`pykd.attention_kd`: (out, loss); out is None when v_s is None."""
+    """Reference of :func:`pykd.attention_kd`: (out, loss); out is None when v_s is None.
+    teacher_map: a "uint8" capture's codes (B, H_t, N_q, N_k) in place of q_t, k_t: t = ln(code)."""
     B, H, N_q, D_s = q_s.shape
     N_k = k_s.shape[2]
     scale_s = 1.0 / math.sqrt(D_s) if scale_s is None else scale_s
-    scale_t = 1.0 / math.sqrt(q_t.shape[3]) if scale_t is None else scale_t
     tau = float(temperature)
-    q_t, k_t = q_t.detach(), k_t.detach()
     ks = k_s.repeat_interleave(H // k_s.shape[1], 1)
-    kt = k_t.repeat_interleave(q_t.shape[1] // k_t.shape[1], 1)
     th = list(range(H)) if teacher_heads is None else [int(x) for x in teacher_heads]
-    qt, kt = q_t[:, th], kt[:, th]
     vis = _visible(B, N_q, N_k, causal, key_padding_mask, q_s.device)
     s, vis = student_scores(q_s, ks, scale_s, vis, student_spec)
-    t = scale_t * qt @ kt.transpose(-1, -2)
+    if teacher_map is not None:
+        t = torch.log(teacher_map[:, th].to(s.dtype))
+    else:
+        scale_t = 1.0 / math.sqrt(q_t.shape[3]) if scale_t is None else scale_t
+        q_t, k_t = q_t.detach(), k_t.detach()
+        kt = k_t.repeat_interleave(q_t.shape[1] // k_t.shape[1], 1)
+        t = scale_t * q_t[:, th] @ kt[:, th].transpose(-1, -2)
     out = None
     if v_s is not None:
         pv = student_spec.pv_format if student_spec is not None else None
@@ -333,8 +337,8 @@ def attention_kd(
     else:
         lps, lpt = _log_softmax_masked(s / tau, vis), _log_softmax_masked(t / tau, vis)
         ps, pt = _softmax_masked(s / tau, vis), _softmax_masked(t / tau, vis)
-        if divergence == "kl":
-            row = (pt * (lpt - lps)).sum(-1)
+        if divergence == "kl":  # pt > 0: a 0 code of a teacher map adds nothing
+            row = torch.where(pt > 0, pt * (lpt - lps), 0.0).sum(-1)
         elif divergence == "reverse_kl":
             row = (ps * (lps - lpt)).sum(-1)
         elif divergence == "mse":
@@ -389,6 +393,19 @@ def attention_capture_topk(q, k, K, *, causal=False, key_padding_mask=None, scal
     p = _softmax_masked(scale * q @ k.transpose(-1, -2), vis)
     top = p.topk(K, -1)
     return top.values, top.indices
+
+
+def attention_capture_uint8(q, k, *, causal=False, key_padding_mask=None, scale=None):
+    """Reference of ``pykd.attention(..., capture="uint8")``: round(255 exp(t - rowmax)), uint8, 0 where
+    hidden."""
+    B, H, N_q, D = q.shape
+    N_k = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(H // k.shape[1], 1)
+    vis = _visible(B, N_q, N_k, causal, key_padding_mask, q.device).expand(B, H, N_q, N_k)
+    t = (scale * q @ k.transpose(-1, -2)).masked_fill(~vis, float("-inf"))
+    m = t.amax(-1, keepdim=True)
+    return (255.0 * torch.exp(t - torch.where(m > float("-inf"), m, 0.0))).round().to(torch.uint8)
 
 
 def attention_kd_topk(q_s, k_s, v_s, probs, indices, *, causal=False, key_padding_mask=None, scale_s=None,

@@ -120,7 +120,7 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         "dkdv": K._attention_kd_bwd_dkdv_kernel,
         "dq": K._attention_kd_bwd_dq_kernel,
     }
-    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False)
+    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False, T_MAP=False)
     cases = [(D, name, off, "") for D in head_dims for name in kernels]
     sparse = dict(off, HAS_BM=True, HAS_THR=True)
     cases += [
@@ -133,6 +133,7 @@ def compile_attention(target, head_dims, fp8=True) -> int:
     ]
     topk = dict(off, DIV=K.DIVERGENCES.index("topk_kl"))  # distilling from a top-k capture
     cases += [(64, name, topk, " from a top-k capture") for name in kernels]
+    cases += [(64, name, dict(off, T_MAP=True), " from a uint8 map capture") for name in kernels]
     n = 0
     for D, name, flags, label in cases:
         kernel = kernels[name]
@@ -142,7 +143,7 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         block_ds = max(32, D) if flags["QK_Q"] else D  # as the launcher pads it
         cst = dict(D_S=D, D_T=D, BLOCK_DS=block_ds, BLOCK_DT=D, DIV=K.DIVERGENCES.index("kl"), HAS_MASK=True,
                    CAUSAL=True, PREC=K._prec(torch.bfloat16), BLOCK_M=BM, BLOCK_N=BN)  # fmt: skip
-        if flags.get("DIV") == K.DIVERGENCES.index("topk_kl"):
+        if flags.get("DIV") == K.DIVERGENCES.index("topk_kl") or flags["T_MAP"]:
             cst.update(D_T=16, BLOCK_DT=16)  # as the launcher sets them
         if flags["DELTA_ONLY"]:
             cst["DIV"] = 0
@@ -164,6 +165,8 @@ def _attention_signature(kernel, cst) -> dict:
             "kc_ptr": codes}  # fmt: skip
     if cst["DIV"] == attention_kd.DIVERGENCES.index("topk_kl"):  # the capture's probs and indices
         ptrs.update(qt_ptr="*fp32", kt_ptr="*i32")
+    if cst.get("T_MAP"):  # a uint8 map of the teacher's P (k_t unused: the launcher passes it again)
+        ptrs.update(qt_ptr="*u8", kt_ptr="*u8")
     sig = {}
     for a in kernel.arg_names:
         if a in cst:

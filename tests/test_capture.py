@@ -219,6 +219,88 @@ def test_opcheck(backend):
         torch.library.opcheck(ops.attention_kd_bwd.default, bargs)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_uint8_capture_matches_reference(backend, causal):
+    """code_ij = round(255 exp(t_ij - max_j t_ij)): within half a code (+ fp32 rounding) of the
+    float64 value, 255 at each row's largest entry, 0 where hidden."""
+    q, k, v, _, _, m = make(Nq=21, device=backend.device, pad=0.3)
+    _, cap = capture(backend, q, k, v, "uint8", causal=causal, key_padding_mask=m)
+    assert cap.kind == "uint8" and cap.codes.dtype == torch.uint8 and cap.codes.shape == (2, 4, 21, 21)
+    kr = k.double().repeat_interleave(2, 1)
+    t = (q.double() @ kr.transpose(-1, -2)) / 4.0
+    vis = reference._visible(2, 21, 21, causal, m, q.device).expand(t.shape)
+    t = t.masked_fill(~vis, float("-inf"))
+    has = vis.any(-1, keepdim=True)
+    exact = 255.0 * torch.exp(t - torch.where(has, t.amax(-1, keepdim=True), 0.0))
+    assert ((cap.codes.double() - exact).abs() <= 0.5 + 1e-4).all()
+    assert (cap.codes[~vis] == 0).all() and (cap.codes.amax(-1)[has[..., 0]] == 255).all()
+    e = reference.attention_capture_uint8(q.double(), k.double(), causal=causal, key_padding_mask=m)
+    assert ((cap.codes.int() - e.int()).abs() <= 1).all()
+
+
+ref_map = partial(reference.attention_kd, q_t=None, k_t=None)  # with teacher_map=<codes>
+
+
+@pytest.mark.parametrize("divergence", ["kl", "mse"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_distill_from_uint8_capture(backend, divergence, causal):
+    """The stored map as the teacher, t = ln(code): values and gradients against float64, with
+    GQA, padding, temperature, and 0 codes (a sharp teacher)."""
+    q, k, v, qt, kt, m = make(Nq=23, Ds=16, Dt=16, device=backend.device, pad=0.2)
+    vt = torch.randn(kt.shape, device=backend.device)
+    _, cap = capture(backend, qt * 3, kt, vt, "uint8", causal=causal, key_padding_mask=m)
+    assert (cap.codes == 0).any()
+    go = torch.randn(q.shape, device=q.device)
+    kw = dict(causal=causal, key_padding_mask=m, teacher_heads=[1, 0, 1, 1], divergence=divergence,
+              temperature=2.0)  # fmt: skip
+    a = run(backend, pykd.attention_kd, q, k, v, go=go, teacher=cap, **kw)
+    e = ref(ref_map, q, k, v, go=go, teacher_map=cap.codes, **kw)
+    u = cancel_scale(q, k, v, go)
+    compare(a, e, F32, {"dq": u, "dk": u, "loss": 10.0})
+
+
+def test_uint8_capture_sparse_student_and_divergence_only(backend):
+    """A block-sparse student against a map (renormalized over the keys it sees), through
+    attention_divergence; bf16 student."""
+    q, k, _, qt, kt, m = make(Nq=40, Ds=16, Dt=16, device=backend.device, pad=0.2)
+    vt = torch.randn(kt.shape, device=backend.device)
+    _, cap = capture(backend, qt, kt, vt, "uint8", key_padding_mask=m)
+    bm = (torch.rand(1, 4, 3, 3) < 0.6).to(backend.device)
+    bm[..., 0] = True
+    spec = pykd.AttentionSpec(block_mask=bm, block_size=16)
+    kw = dict(key_padding_mask=m, teacher_heads=[0, 1, 1, 0], student_spec=spec)
+    a = run(backend, pykd.attention_divergence, q, k, None, teacher=cap, **kw)
+    e = ref(partial(ref_map, v_s=None), q, k, None, teacher_map=cap.codes, **kw)
+    compare(a, e, F32, {"loss": 10.0})
+    qb, kb = q.bfloat16(), k.bfloat16()
+    a = run(backend, pykd.attention_divergence, qb, kb, None, teacher=cap, **kw)
+    e = ref(partial(ref_map, v_s=None), qb, kb, None, teacher_map=cap.codes, **kw)
+    kw_cpu = dict(
+        kw, key_padding_mask=m.cpu(), student_spec=pykd.AttentionSpec(block_mask=bm.cpu(), block_size=16)
+    )
+    base = ref(partial(ref_map, v_s=None), qb.cpu(), kb.cpu(), None,
+               teacher_map=cap.codes.cpu(), dtype=torch.bfloat16, **kw_cpu)  # fmt: skip
+    compare(a, e, torch.bfloat16, {"loss": 10.0}, base)
+
+
+def test_uint8_opcheck(backend):
+    q, k, v, qt, kt, m = make(Nq=9, Ds=16, Dt=16, device=backend.device, pad=0.2)
+    vt = torch.randn(kt.shape, device=backend.device)
+    _, cap = capture(backend, qt, kt, vt, "uint8", key_padding_mask=m)
+    th = torch.tensor([0, 1, 1, 0], device=backend.device)
+    ops = torch.ops.pykd
+    none = (None, 0, None, None, None, None, None, "none")
+    with backend():
+        qkv = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+        args = (*qkv, cap.codes, None, m, th, "kl", False, 0.3, 1.0, 2.0, *none, True)
+        torch.library.opcheck(ops.attention_kd_fwd.default, args)
+        out, row, lse, stats = ops.attention_kd_fwd(*args)
+        grads = (torch.randn_like(out), torch.randn_like(row))
+        bargs = (*grads, q.detach(), k.detach(), v.detach(), cap.codes, None, m, th, out.detach(), lse, stats,
+                 "kl", False, 0.3, 1.0, 2.0, None, 0, None, False, None, None, None, None, True)  # fmt: skip
+        torch.library.opcheck(ops.attention_kd_bwd.default, bargs)
+
+
 def test_compile_fullgraph(backend):
     q, k, v, qt, kt, _ = make(Nq=20, Ds=16, Dt=16, device=backend.device)
     _, cap = capture(backend, qt, kt, torch.randn(kt.shape, device=backend.device), "topk", 3)
@@ -241,6 +323,17 @@ def test_bad_input():
         pykd.attention(q, k, v, capture="topk")
     with pytest.raises(ValueError, match="capture_k needs"):
         pykd.attention(q, k, v, capture_k=3)
+    with pytest.raises(ValueError, match='capture_k is for capture="topk"'):
+        pykd.attention(q, k, v, capture="uint8", capture_k=3)
+    _, cap8 = pykd.attention(qt, kt, torch.zeros_like(kt), capture="uint8")
+    with pytest.raises(ValueError, match='divergence "kl" or "mse"'):
+        pykd.attention_kd(q, k, v, teacher=cap8, divergence="reverse_kl", teacher_heads=[0, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"codes of shape \(B, H_t, N_q, N_k\)"):
+        bad8 = pykd.AttentionCapture("uint8", cap8.lse, False, 10, 1.0, codes=cap8.codes[..., :9])
+        pykd.attention_kd(q, k, v, teacher=bad8, teacher_heads=[0, 1, 1, 0])
+    with pytest.raises(TypeError, match="uint8 codes"):
+        bad8 = pykd.AttentionCapture("uint8", cap8.lse, False, 10, 1.0, codes=cap8.codes.float())
+        pykd.attention_kd(q, k, v, teacher=bad8, teacher_heads=[0, 1, 1, 0])
     with pytest.raises(ValueError, match="spec must be None"):
         pykd.attention(q, k, v, capture="lse", spec=pykd.AttentionSpec(topk=2))
     with pytest.raises(TypeError, match="teacher must be a pykd.AttentionCapture"):
