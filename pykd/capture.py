@@ -83,14 +83,18 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
         raise ValueError(f'capture_k is for capture="topk"; leave it None with capture="{kind}"')
     if kind == "lse":
         return AttentionCapture("lse", lse, causal, N_k, scale, q=q, k=k)
+    B, H, N_q, _ = q.shape
+    qf, kf = q.float(), k.float()  # once, not per chunk
+    rows = chunk_rows(B, H, N_k)
+    chunks = [(i0, min(N_q, i0 + rows)) for i0 in range(0, N_q, rows)]
+
+    def scores(i0, i1):
+        return scores_chunk(qf, kf, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
+
     if kind == "uint8":
-        B, H, N_q, _ = q.shape
         codes = torch.empty((B, H, N_q, N_k), dtype=torch.uint8, device=q.device)
-        rows = chunk_rows(B, H, N_k)
-        qf, kf = q.float(), k.float()
-        for i0 in range(0, N_q, rows):
-            i1 = min(N_q, i0 + rows)
-            s = scores_chunk(qf, kf, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
+        for i0, i1 in chunks:
+            s = scores(i0, i1)
             m = s.amax(-1, keepdim=True)
             e = torch.exp(s - torch.where(m > float("-inf"), m, 0.0))  # hidden: 0
             codes[:, :, i0:i1] = (e * MAP_LEVELS).round_().to(torch.uint8)
@@ -98,15 +102,10 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
     K = _checks.integer("capture_k", capture_k) if capture_k is not None else None
     if K is None or not 1 <= K <= N_k:
         raise ValueError(f'capture="topk" needs capture_k in [1, N_k={N_k}], got {capture_k}')
-    B, H, N_q, _ = q.shape
     probs = torch.empty((B, H, N_q, K), dtype=torch.float32, device=q.device)
     idx = torch.empty((B, H, N_q, K), dtype=torch.int64, device=q.device)
-    rows = chunk_rows(B, H, N_k)
-    qf, kf = q.float(), k.float()
-    for i0 in range(0, N_q, rows):
-        i1 = min(N_q, i0 + rows)
-        s = scores_chunk(qf, kf, scale, i0, i1, causal=causal, key_padding_mask=key_padding_mask)
-        top = s.topk(K, -1)
+    for i0, i1 in chunks:
+        top = scores(i0, i1).topk(K, -1)
         probs[:, :, i0:i1] = torch.exp(top.values - lse[:, :, i0:i1, None])
         idx[:, :, i0:i1] = top.indices
     return AttentionCapture("topk", lse, causal, N_k, scale, probs=probs, indices=idx)
