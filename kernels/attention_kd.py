@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import new_output
+from .common import new_output, rint_even
 
 # Order is the kernels' DIV constexpr: 0 = no teacher (plain attention).
 # "topk_kl" is a teacher top-k capture: q_t holds its probs, k_t its key indices (B, H_t, N_q, K).
@@ -305,8 +305,8 @@ def _attention_kd_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_V:
                 v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
-                if PV_Q == 1:  # round half to even: 1.5 * 2^23 leaves no fraction bits
-                    pq = (p * 127.0 + 12582912.0) - 12582912.0
+                if PV_Q == 1:
+                    pq = rint_even(p * 127.0)
                 elif PV_Q == 2:
                     pq = (p * 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
                 else:
@@ -694,7 +694,7 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, bloc
     DIV = DIVERGENCES.index(divergence)
     K_CAP = 0
     if DIV and teacher_map:  # q_t: a uint8 map of the teacher's P (B, H_t, N_q, N_k); no k_t
-        q_t = k_t = q_t.contiguous()
+        k_t = q_t
     if DIV == 5:  # a top-k capture: no teacher head dim; int32 indices for the kernels' compares
         K_CAP, q_t, k_t = q_t.shape[3], q_t.float().contiguous(), k_t.to(torch.int32).contiguous()
     D_T = q_t.shape[3] if DIV and DIV != 5 and not teacher_map else 16

@@ -14,6 +14,13 @@ from .._backend import mean_scale_in_forward, reduction_denominator
 DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
 
 
+@triton.jit
+def rint_even(x):
+    """x rounded to the nearest integer, ties to even, for |x| < 2^22: adding 1.5 * 2^23 leaves no
+    fraction bits (what torch.round does)."""
+    return (x + 12582912.0) - 12582912.0
+
+
 def new_output(shape, *, device, dtype) -> torch.Tensor:
     """A fresh output tensor; NaN-filled when PYKD_POISON_OUTPUTS=1 (tests), so any element a
     kernel fails to write shows up instead of passing on whatever memory held."""

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import new_output
+from .common import new_output, rint_even
 
 FORMATS = ("int8", "fp8_e4m3")
 
@@ -48,8 +48,8 @@ def _quantize_tokens_kernel(
     if FP8:
         c = tl.minimum(tl.maximum(z, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
         cf = c.to(tl.float32)
-    else:  # round half to even: adding 1.5 * 2^23 leaves no fraction bits (|z| <= 127 + ulps)
-        cf = tl.minimum(tl.maximum((z + 12582912.0) - 12582912.0, -127.0), 127.0)
+    else:
+        cf = tl.minimum(tl.maximum(rint_even(z), -127.0), 127.0)
         c = cf.to(tl.int8)
     out = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(codes_ptr + out, c, mask=ok)

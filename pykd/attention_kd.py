@@ -256,7 +256,8 @@ def attention_divergence(
 
 
 def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, temperature, student_spec):
-    """(q_t, k_t, scale_t) of an "lse" capture, or the checked "topk" capture."""
+    """(q_t, k_t, scale_t, None) of q_t, k_t or an "lse" capture; (None, None, None, capture) of a
+    checked "topk" or "uint8" capture."""
     if teacher is None:
         if q_t is None or k_t is None:
             raise TypeError("attention_kd needs the teacher: q_t and k_t, or teacher=<pykd.AttentionCapture>")
@@ -330,41 +331,27 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
                   temperature, teacher_heads, reduction, student_spec, teacher=None):  # fmt: skip
     q_t, k_t, scale_t, cap = _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence,
                                               temperature, student_spec)  # fmt: skip
-    if cap is not None and cap.kind == "topk":
-        return _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads,
-                                  reduction, student_spec)  # fmt: skip
     scale_s = _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction)
-    if cap is not None:  # a uint8 map: t = ln(code), in the kernels
-        temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
-        th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
-        q_t, scale_t = cap.codes, 1.0
-    else:
+    op_divergence = divergence
+    if cap is None:
         temperature, scale_t, th = _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature,
                                                     teacher_heads)  # fmt: skip
+    else:  # a stored teacher in place of q_t, k_t: a top-k capture or a uint8 map (pykd/capture.py)
+        temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+        th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
+        scale_t = 1.0
+        if cap.kind == "topk":
+            q_t, k_t, op_divergence = cap.probs, cap.indices, "topk_kl"
+        else:
+            q_t, k_t = cap.codes, None
     q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
                                      scale=scale_s, divergence=divergence, name="student_spec")  # fmt: skip
     out, row, lse, stats = torch.ops.pykd.attention_kd_fwd(
         q_op, k_op, v_s, q_t.detach(), k_t.detach() if k_t is not None else None, key_padding_mask, th,
-        divergence, causal, scale_s, scale_t, temperature, *extra, cap is not None,
+        op_divergence, causal, scale_s, scale_t, temperature, *extra, cap is not None and cap.kind == "uint8",
     )  # fmt: skip
     pairs = stats[..., 2] if divergence == "mse_scores" else None
     loss = _reduce(row, lse < float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction, pairs)
-    return (out if v_s is not None else None), loss
-
-
-def _attention_kd_topk(q_s, k_s, v_s, cap, causal, key_padding_mask, scale_s, teacher_heads, reduction,
-                       student_spec):  # fmt: skip
-    """attention_kd against a "topk" capture: the same fused kernels, with the capture's probs and
-    indices in place of q_t, k_t (internal divergence "topk_kl", see :mod:`pykd.capture`)."""
-    scale_s = _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction)
-    th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
-    q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
-                                     scale=scale_s, name="student_spec")  # fmt: skip
-    out, row, lse, _ = torch.ops.pykd.attention_kd_fwd(
-        q_op, k_op, v_s, cap.probs, cap.indices, key_padding_mask, th, "topk_kl", causal, scale_s, 1.0, 1.0,
-        *extra,
-    )  # fmt: skip
-    loss = _reduce(row, lse < float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction)
     return (out if v_s is not None else None), loss
 
 
