@@ -4,8 +4,9 @@ speed forward / backward / both, and accuracy beside it.
 Providers: ``dense`` (pykd.attention, the same kernels without a spec); ``sparse`` (a random block
 mask with exactly round(density * blocks) key blocks per query block row, block size 64);
 ``quant`` (int8 Q/K with K smoothing, fp8 e4m3 P; backward straight-through); ``quant_qk``
-(int8 Q/K only); ``sdpa`` (torch scaled_dot_product_attention, dense); on CUDA ``flex``
-(FlexAttention with the same block mask) and ``sage`` (SageAttention, forward only, when installed).
+(int8 Q/K only); ``sdpa`` (torch scaled_dot_product_attention, dense); ``flex`` (FlexAttention with
+the same block mask, compiled; forward only on CPU, where torch has no FlexAttention backward); on
+CUDA ``sage`` (SageAttention, forward only, when installed).
 
 Two sweeps, two CSVs: ``sparse_quant_n`` (x = N at --density, every provider) and
 ``sparse_quant_density`` (x = density in percent, at --density-n; dense, sparse, sdpa, flex).
@@ -73,8 +74,9 @@ def providers(args, bm, B, H, N, device):
         "quant_qk": lambda q, k, v: pykd.attention(q, k, v, spec=quant_qk),
         "sdpa": F.scaled_dot_product_attention,
     }
-    if device.type == "cuda":
+    if "flex" in args.providers:
         out["flex"] = _flex(bm, B, H, N, device)
+    if device.type == "cuda":
         sage = _sage()
         if sage is not None:
             out["sage"] = sage
@@ -95,7 +97,8 @@ def accuracy(rec, name, fn, spec_ref, q, k, v, x):
 def measure(rec, name, fn, inputs, go, x, device, reps, spec_ref):
     q0, k0, v0 = inputs
     state = {}
-    forward_only = name == "sage"
+    # SageAttention has no backward; FlexAttention has none on CPU
+    forward_only = name == "sage" or (name == "flex" and device.type != "cuda")
 
     def fresh():
         state["x"] = [t.clone().requires_grad_(not forward_only) for t in (q0, k0, v0)]
@@ -163,12 +166,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--providers", nargs="+", default=names, choices=names)
+    p.add_argument("--providers", nargs="+", choices=names, help="default: all (--quick: all but flex)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="one small size, no density sweep")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
+    # a quick run skips flex: its torch.compile takes longer than the whole quick sweep
+    args.providers = args.providers or [n for n in names if not (args.quick and n == "flex")]
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.heads = args.heads or (16 if gpu else 4)
     args.head_dim = args.head_dim or (128 if gpu else 64)
