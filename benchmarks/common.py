@@ -68,7 +68,8 @@ def _git(*args: str) -> str | None:
 
 
 def commit() -> str:
-    """The short commit of the code being measured, "-dirty" if tracked files differ from it.
+    """The short commit of the code being measured, "-dirty" if tracked files differ from it (results
+    written under benchmarks/results by an earlier sweep of the same run do not count).
 
     PYKD_COMMIT overrides it, for copies of the tree without .git (a remote GPU run)."""
     if os.environ.get("PYKD_COMMIT"):
@@ -76,7 +77,9 @@ def commit() -> str:
     head = _git("rev-parse", "--short", "HEAD")
     if head is None:
         return "unknown"
-    return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    results = ":(top,exclude)benchmarks/results"
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", results)
+    return head + ("-dirty" if changed else "")
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
