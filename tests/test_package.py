@@ -189,3 +189,36 @@ def test_cli_rejects_unknown_op():
         [sys.executable, "-m", "pykd", "bench", "nope"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode != 0 and "unknown op" in r.stderr
+
+
+def test_bench_commit_provenance(tmp_path):
+    """A benchmark's commit is "-dirty" when tracked code differs from HEAD, but not when only results
+    that an earlier sweep of the same run wrote under benchmarks/results have changed."""
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "benchmarks", "common.py"), tmp_path / "benchmarks" / "common.py")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "a.csv").write_text("1\n")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    # one process (torch imports once): clean, then results changed, then code changed
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import common\n"
+        "print(common.commit())\n"
+        "open('benchmarks/results/a.csv', 'w').write('2')\n"
+        "print(common.commit())\n"
+        "open('code.py', 'w').write('x = 2')\n"
+        "print(common.commit())\n"
+    )
+    r = py(code, cwd=tmp_path, env_extra={"PYKD_COMMIT": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [head, head, head + "-dirty"]
