@@ -202,7 +202,7 @@ def main(argv=None):
     args.seq = args.seq or ([512, 1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
     args.reps = args.reps or (10 if gpu else 3)
     if args.quick:
-        args.seq, args.reps, args.head_dims = [min(args.seq)], 3, args.head_dims[:1]
+        args.seq, args.reps, args.head_dims = [min(512, min(args.seq))], 3, args.head_dims[:1]
         args.providers = [x for x in args.providers if x in ("pykd", "pykd_topk", "eager")]
     recs = []
     for d in args.head_dims:

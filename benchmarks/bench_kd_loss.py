@@ -119,8 +119,8 @@ def main(argv=None):
     args.vocab = args.vocab or (128256 if gpu else 32000)
     args.rows = args.rows or ([1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
     args.reps = args.reps or (20 if gpu else 5)
-    if args.quick:
-        args.rows, args.reps = [min(args.rows)], 3
+    if args.quick:  # a smoke run in seconds
+        args.rows, args.reps = [min(256, min(args.rows))], 3
         args.providers = [x for x in args.providers if x in ("pykd", "eager")]
     rec = run(args)
     out = f"{args.out_dir}/{device_name(torch.device(args.device))}"
