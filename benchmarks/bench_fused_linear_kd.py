@@ -167,8 +167,7 @@ def main(argv=None):
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.hidden = args.hidden or (4096 if gpu else 512)
-    quick_cpu = args.quick and not gpu and args.vocab is None
-    args.vocab = args.vocab or (128256 if gpu else 8192 if quick_cpu else 32000)
+    args.vocab = args.vocab or (128256 if gpu else 8192 if args.quick else 32000)
     args.rows = args.rows or ([1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
     args.reps = args.reps or (10 if gpu else 3)
     if args.quick:  # 256 rows (and V 8192 on CPU): a smoke run of the main code path in seconds

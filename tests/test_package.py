@@ -201,15 +201,14 @@ def test_bench_commit_provenance(tmp_path):
     (tmp_path / "code.py").write_text("x = 1\n")
     (tmp_path / "benchmarks" / "results" / "a.csv").write_text("1\n")
 
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)  # fmt: skip
+    def git(*args) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
 
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "c")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    head = git("rev-parse", "--short", "HEAD")
     # one process (torch imports once): clean, then results changed, then code changed
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import common\n"
