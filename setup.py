@@ -1,6 +1,11 @@
 """Builds the C++ CPU extension ``pykd._C``; installs ``kernels/`` as ``pykd.kernels`` and
 ``benchmarks/`` as ``pykd.benchmarks`` (so ``pykd bench`` works from any install).
 
+``pykd/kernels`` and ``pykd/benchmarks`` are links to the top-level folders, which have no
+``__init__.py``: with the repository root on ``sys.path`` (``python -m pytest`` there) they are at most
+namespace portions, which never shadow an installed package of the same name (Hugging Face's
+``kernels``, which transformers imports). A wheel holds copies of the files under ``pykd/``.
+
 CUDA sources (``csrc/*.cu``) are compiled only when the installed torch is a CUDA build: an nvcc on a
 CPU-only machine must not switch CUDA on.
 """
@@ -49,12 +54,6 @@ ext = ext_cls(
 
 setup(
     packages=["pykd", "pykd.nn", "pykd.integrations", "pykd.kernels", "pykd.benchmarks"],
-    package_dir={
-        "pykd": "pykd",
-        "pykd.nn": "pykd/nn",
-        "pykd.kernels": "kernels",
-        "pykd.benchmarks": "benchmarks",
-    },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

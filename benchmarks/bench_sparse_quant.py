@@ -192,7 +192,7 @@ def main(argv=None):
     recs = []
     for x_name, points, stem in runs:
         rec = sweep(args, x_name, points)
-        csv_path, png = rec.write(out, stem)
+        csv_path, png = rec.write(out, stem, baseline=("sdpa", "dense"), target="sparse")
         print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
         recs.append(rec)
     return recs

@@ -193,6 +193,12 @@ def fresh_process_peak_mb(module: str, args: list[str]) -> float:
     return float(out.strip().splitlines()[-1].split()[-1])
 
 
+# What a user would run without pykd, most specific first: Liger-Kernel's losses, the eager ops
+# (materialized maps for attention distillation), SDPA (plain attention).
+BASELINES = ("liger", "eager", "sdpa")
+PANEL_ORDER = ("fwd", "bwd", "full")
+
+
 @dataclass
 class Recorder:
     op: str
@@ -235,18 +241,46 @@ class Recorder:
             flush=True,
         )
 
-    def write(self, out_dir: str, stem: str) -> tuple[str, str | None]:
+    def write(self, out_dir: str, stem: str, baseline=BASELINES, target="pykd") -> tuple[str, str | None]:
+        """The CSV, and the PNG with a ratio panel of ``target`` against the first provider of
+        ``baseline`` that was measured (the one a user would otherwise pick)."""
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{stem}.csv")
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
             w.writerows(self.rows)
-        return path, plot(self.rows, os.path.join(out_dir, f"{stem}.png"))
+        return path, plot(self.rows, os.path.join(out_dir, f"{stem}.png"), baseline=baseline, target=target)
 
 
-def plot(rows: list[dict], path: str) -> str | None:
-    """One panel per (metric, mode): median against x for each provider, p20-p80 as error bars."""
+def _panel_key(panel: tuple[str, str]):
+    metric, mode = panel
+    return (metric != "time", PANEL_ORDER.index(mode) if mode in PANEL_ORDER else len(PANEL_ORDER), mode)
+
+
+def pick_baseline(providers, baseline=BASELINES) -> str | None:
+    """The first of ``baseline`` (exact name, or a prefix as 'liger' for 'liger_jsd') measured."""
+    for b in baseline:
+        hits = sorted(p for p in providers if p == b or p.startswith(b + "_"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def ratios(rows: list[dict], base: str, target: str = "pykd") -> dict:
+    """{(metric, mode): [(x, base / target)]}: speed-up (time) and memory saving of target."""
+    val = {(r["provider"], r["metric"], r["mode"], float(r["x_value"])): float(r["median"]) for r in rows}
+    out: dict = {}
+    for (prov, metric, mode, x), v in sorted(val.items()):
+        b = val.get((base, metric, mode, x))
+        if prov == target and b is not None and v > 0:
+            out.setdefault((metric, mode), []).append((x, b / v))
+    return out
+
+
+def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str | None:
+    """Panels fwd, bwd, full time then memory (median against x per provider, p20-p80 as error bars,
+    log axes), and one of target's speed-up and memory saving against the baseline."""
     try:
         import matplotlib
 
@@ -255,8 +289,11 @@ def plot(rows: list[dict], path: str) -> str | None:
     except ImportError:
         print("matplotlib not installed (pip install pykd[bench]); no PNG written")
         return None
-    panels = sorted({(r["metric"], r["mode"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    panels = sorted({(r["metric"], r["mode"]) for r in rows}, key=_panel_key)
+    base = pick_baseline({r["provider"] for r in rows} - {target}, baseline)
+    rat = ratios(rows, base, target) if base else {}
+    n = len(panels) + bool(rat)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
     for ax, (metric, mode) in zip(axes[0], panels):
         sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
         for prov in sorted({r["provider"] for r in sel}):
@@ -279,7 +316,21 @@ def plot(rows: list[dict], path: str) -> str | None:
         ax.set_xlabel(r0["x_name"])
         ax.set_ylabel(r0["unit"])
         ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    if rat:
+        ax = axes[0][-1]
+        for (metric, mode), pts in sorted(rat.items(), key=lambda kv: _panel_key(kv[0])):
+            xs, ys = zip(*pts)
+            label = f"memory saving ({mode})" if metric == "memory" else f"speed-up {mode}"
+            ax.plot(xs, ys, marker="o", linestyle="--" if metric == "memory" else "-", label=label)
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_title(f"{target} vs {base} (ratio {base} / {target})")
+        ax.set_xlabel(rows[0]["x_name"])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     r0 = rows[0]
     fig.suptitle(

@@ -5,11 +5,18 @@ CUDA tensors run Triton kernels, CPU tensors run C++ kernels (``pykd._C``); ever
 """
 
 from ._backend import set_debug
-from .attention_kd import attention, attention_divergence, attention_kd, relation_kd
+from .attention_kd import (
+    attention,
+    attention_divergence,
+    attention_kd,
+    quantized_attention,
+    relation_kd,
+    sparse_attention,
+)
 from .capture import AttentionCapture
 from .fused_linear_kd import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from .kd_loss import kd_loss
-from .sparse_quant import AttentionSpec, quantized_attention, sparse_attention
+from .sparse_quant import AttentionSpec
 from .topk_kd_loss import topk_kd_loss
 
 __version__ = "0.1.0"

@@ -416,6 +416,25 @@ def attention(
     return res if len(res) > 1 else out
 
 
+def sparse_attention(q, k, v, *, block_mask=None, block_size=64, topk=None, causal=False,
+                     key_padding_mask=None, scale=None):  # fmt: skip
+    """Block-sparse and/or row-top-k attention: :func:`pykd.attention` with
+    ``AttentionSpec(block_mask=block_mask, block_size=block_size, topk=topk)``. Shapes as in
+    :func:`pykd.attention`; block_mask (B or 1, H or 1, ceil(N_q/block_size), ceil(N_k/block_size))
+    bool. A row that sees no key gets out = 0."""
+    spec = AttentionSpec(block_mask=block_mask, block_size=block_size, topk=topk)
+    return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, spec=spec)
+
+
+def quantized_attention(q, k, v, *, qk_format="int8", pv_format="fp8_e4m3", smooth_k=True, block_size=64,
+                        causal=False, key_padding_mask=None, scale=None):  # fmt: skip
+    """Quantized attention (SageAttention-style, with a straight-through backward): :func:`pykd.attention`
+    with ``AttentionSpec(qk_format=..., pv_format=..., smooth_k=..., block_size=...)``; pv_format None
+    leaves P unquantized. Shapes as in :func:`pykd.attention`."""
+    spec = AttentionSpec(qk_format=qk_format, pv_format=pv_format, smooth_k=smooth_k, block_size=block_size)
+    return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, spec=spec)
+
+
 def relation_kd(
     x_s: torch.Tensor,
     x_t: torch.Tensor,

@@ -217,14 +217,35 @@ def embed(model, tok, sentences, seq_len, device, batch_size=64):
     return torch.cat(out)
 
 
-def evaluate(student, teacher, tok, sentences, seq_len, device) -> tuple[float, float]:
-    """(mean teacher-student cosine, nearest-neighbour agreement) on held-out sentences."""
-    es, et = embed(student, tok, sentences, seq_len, device), embed(teacher, tok, sentences, seq_len, device)
+def timed_embed(model, tok, sentences, seq_len, device) -> tuple[torch.Tensor, float]:
+    """:func:`embed` and its throughput in sentences per second (tokenization included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    e = embed(model, tok, sentences, seq_len, device, batch_size=EVAL_BATCH_SIZE)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return e, len(sentences) / (time.perf_counter() - t0)
+
+
+EVAL_BATCH_SIZE = 64  # teacher and student encode the held-out set at the same batch size
+
+
+def evaluate(student, teacher, tok, sentences, seq_len, device) -> dict:
+    """Mean teacher-student cosine and nearest-neighbour agreement on held-out sentences, and each
+    model's encode throughput on them (sentences/s, same device and batch size)."""
+    es, rate_s = timed_embed(student, tok, sentences, seq_len, device)
+    et, rate_t = timed_embed(teacher, tok, sentences, seq_len, device)
     cos = (es * et).sum(-1).mean().item()
     eye = torch.eye(len(sentences), dtype=torch.bool, device=es.device)
     nn_s = (es @ es.t()).masked_fill(eye, -2).argmax(-1)
     nn_t = (et @ et.t()).masked_fill(eye, -2).argmax(-1)
-    return cos, (nn_s == nn_t).float().mean().item()
+    return dict(cosine=cos, nn_agreement=(nn_s == nn_t).float().mean().item(),
+                student_sentences_per_s=rate_s, teacher_sentences_per_s=rate_t)  # fmt: skip
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 STUDENT_ATTENTION = {
@@ -297,11 +318,19 @@ def run(args) -> dict:
     report = None
     if rank == 0:
         after = evaluate(student, teacher, tok, held, args.seq_len, device)
+        # Throughput from the final evaluation (the models are warm by then).
+        rate_s, rate_t = after["student_sentences_per_s"], after["teacher_sentences_per_s"]
         report = dict(
-            teacher_student_cosine_before=round(before[0], 4),
-            teacher_student_cosine_after=round(after[0], 4),
-            nn_agreement_before=round(before[1], 4),
-            nn_agreement_after=round(after[1], 4),
+            teacher_student_cosine_before=round(before["cosine"], 4),
+            teacher_student_cosine_after=round(after["cosine"], 4),
+            nn_agreement_before=round(before["nn_agreement"], 4),
+            nn_agreement_after=round(after["nn_agreement"], 4),
+            teacher_params=num_params(teacher),
+            student_params=num_params(student),
+            teacher_sentences_per_s=round(rate_t, 1),
+            student_sentences_per_s=round(rate_s, 1),
+            student_speedup=round(rate_s / rate_t, 2),
+            encode_batch_size=EVAL_BATCH_SIZE,
             steps=args.steps,
             tokens_per_s=round(tokens / elapsed, 1),
             peak_mem_mb=round(peak, 1),  # training, above the loaded models (CPU: peak RSS)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .sparse_quant import pv_levels, quantize_p
+
 
 def _xlogy_safe(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """p * log_ratio with 0 where p == 0 (0 log 0 = 0), without NaN gradients."""
@@ -265,8 +267,6 @@ def quantized_softmax_v(s, vis, v, pv_format):
     dense = _softmax_masked(s, vis) @ v
     if pv_format is None:
         return dense
-    from .sparse_quant import pv_levels, quantize_p
-
     x = s.masked_fill(~vis, float("-inf"))
     m = x.amax(-1, keepdim=True).detach()
     has = vis.any(-1, keepdim=True)

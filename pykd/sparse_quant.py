@@ -1,6 +1,7 @@
-"""Sparse and quantized student attention (DESIGN.md section 6): :class:`AttentionSpec`,
-:func:`sparse_attention`, :func:`quantized_attention`, and the pre-passes that turn a spec into the
-arguments of the attention_kd kernels.
+"""Sparse and quantized student attention (DESIGN.md section 6): :class:`AttentionSpec` and the
+pre-passes that turn a spec into the arguments of the attention_kd kernels. The public wrappers
+``sparse_attention`` and ``quantized_attention`` live with ``attention`` in ``pykd.attention_kd``:
+this module sits below it (sparse_quant <- capture <- attention_kd), never importing upward.
 
 A spec changes how the *student's* attention is computed, inside the same fused kernels as dense
 attention and attention distillation:
@@ -226,29 +227,6 @@ def student_args(spec, q, k, *, causal, key_padding_mask, scale, divergence=None
     return q, k, (bm, bs if (bm is not None or codes[0] is not None) else 0, thr, *codes, pv)
 
 
-def sparse_attention(q, k, v, *, block_mask=None, block_size=64, topk=None, causal=False,
-                     key_padding_mask=None, scale=None):  # fmt: skip
-    """Block-sparse and/or row-top-k attention: :func:`pykd.attention` with
-    ``AttentionSpec(block_mask=block_mask, block_size=block_size, topk=topk)``. Shapes as in
-    :func:`pykd.attention`; block_mask (B or 1, H or 1, ceil(N_q/block_size), ceil(N_k/block_size))
-    bool. A row that sees no key gets out = 0."""
-    from .attention_kd import attention
-
-    spec = AttentionSpec(block_mask=block_mask, block_size=block_size, topk=topk)
-    return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, spec=spec)
-
-
-def quantized_attention(q, k, v, *, qk_format="int8", pv_format="fp8_e4m3", smooth_k=True, block_size=64,
-                        causal=False, key_padding_mask=None, scale=None):  # fmt: skip
-    """Quantized attention (SageAttention-style, with a straight-through backward): :func:`pykd.attention`
-    with ``AttentionSpec(qk_format=..., pv_format=..., smooth_k=..., block_size=...)``; pv_format None
-    leaves P unquantized. Shapes as in :func:`pykd.attention`."""
-    from .attention_kd import attention
-
-    spec = AttentionSpec(qk_format=qk_format, pv_format=pv_format, smooth_k=smooth_k, block_size=block_size)
-    return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, spec=spec)
-
-
 def _quantize_tokens_fake(x, mean, fmt, block_size):
     B, H, N, D = x.shape
     dt = torch.float8_e4m3fn if fmt == "fp8_e4m3" else torch.int8
@@ -267,8 +245,6 @@ if _backend.has_cpp():
 
 __all__ = [
     "AttentionSpec",
-    "sparse_attention",
-    "quantized_attention",
     "quantize_tokens",
     "row_topk_threshold",
 ]

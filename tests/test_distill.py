@@ -41,6 +41,11 @@ def test_cli_distill_few_steps(tmp_path):
     assert -1 <= report["teacher_student_cosine_after"] <= 1
     student = transformers.AutoModel.from_pretrained(out)
     assert student.config.num_hidden_layers == 2
+    # what the user gained: parameters and encode throughput of both models (same device, batch)
+    assert 0 < report["student_params"] < report["teacher_params"]
+    assert report["teacher_sentences_per_s"] > 0 and report["student_sentences_per_s"] > 0
+    speedup = report["student_sentences_per_s"] / report["teacher_sentences_per_s"]
+    assert abs(report["student_speedup"] - speedup) <= 0.01 + 0.01 * speedup
 
 
 def test_torchrun_distill(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -49,23 +50,89 @@ def regular_layout(tmp_path_factory):
 
 def test_editable_install_maps_kernels(tmp_path):
     r = py(
-        "import importlib.util, pykd, pykd.kernels, pykd.kernels.kd_loss;"
-        "print(pykd.kernels.__file__);"
-        "print(importlib.util.find_spec('kernels'))",
+        "import pykd, pykd.kernels.kd_loss, pykd.benchmarks.common as b;"
+        "print(pykd.kernels.kd_loss.__file__); print(b.__file__)",
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    kfile, toplevel = r.stdout.split()[:2]
-    assert os.path.samefile(kfile, os.path.join(ROOT, "kernels", "__init__.py")) or "site-packages" in kfile
-    assert toplevel == "None", "a top-level 'kernels' package must not be installed"
+    kfile, bfile = r.stdout.split()[:2]
+    if "site-packages" not in kfile:
+        assert os.path.samefile(kfile, os.path.join(ROOT, "kernels", "kd_loss.py"))
+        assert os.path.samefile(bfile, os.path.join(ROOT, "benchmarks", "common.py"))
+
+
+# --- no shadowing: the repository never hides an installed top-level package (Hugging Face's
+# `kernels`, which transformers imports) when its root is on sys.path.
+
+
+def test_no_toplevel_package_but_pykd():
+    """The general rule behind it: no top-level folder but pykd/ is a regular package, so from the
+    root `kernels/` and `benchmarks/` are at most namespace portions, which lose to any installed
+    package of the same name wherever it is on sys.path."""
+    pkgs = [d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py"))]
+    assert pkgs == ["pykd"], pkgs
+    for name in ("kernels", "benchmarks"):
+        link = os.path.join(ROOT, "pykd", name)
+        assert os.path.islink(link) and os.path.samefile(link, os.path.join(ROOT, name))
+
+
+TINY_BERT = (
+    "import transformers, pykd\n"
+    "from transformers import AutoModel, BertConfig, BertModel\n"
+    "cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)\n"
+    "m = AutoModel.from_config(cfg)\n"
+    "assert isinstance(m, BertModel)\n"
+    "import importlib.util\n"
+    "spec = importlib.util.find_spec('kernels')\n"
+    "print('kernels', spec and (spec.origin or list(spec.submodule_search_locations)))\n"
+)
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_transformers_imports_next_to_pykd(where, tmp_path):
+    pytest.importorskip("transformers")
+    cwd = ROOT if where == "root" else tmp_path
+    # `-c` puts the working directory first on sys.path, as `python -m` does
+    r = py(TINY_BERT, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = r.stdout.split("kernels", 1)[1]
+    # an installed `kernels` is the one found; without one, at most our namespace portion is
+    if importlib.util.find_spec("kernels") is not None and importlib.util.find_spec("kernels").origin:
+        assert ROOT not in found, found
+
+
+def test_python_m_from_root():
+    """`python -m pytest` (the README's test command) and `python -m pykd` with the root on sys.path."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                        os.path.join("tests", "test_transformers.py")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)  # fmt: skip
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "pykd", "info"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)  # fmt: skip
+    assert r.returncode == 0 and "cpp_backend: ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's test command verbatim (in a fresh virtual environment)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    cmds = [line for line in readme.splitlines() if line.startswith("pip install") and "pytest" in line]
+    assert len(cmds) == 1, cmds
+    assert cmds[0] in ci.splitlines()
+    assert "venv" in ci and "mktemp" in ci
 
 
 def test_regular_install_layout(regular_layout, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(regular_layout, site)
-    assert (site / "pykd" / "kernels" / "kd_loss.py").is_file()
-    assert (site / "pykd" / "benchmarks" / "bench_kd_loss.py").is_file()
-    assert not (site / "kernels").exists()
+    for f in ("kernels/kd_loss.py", "benchmarks/bench_kd_loss.py"):  # copies, not the links
+        assert (site / "pykd" / f).is_file() and not (site / "pykd" / f).parent.is_symlink(), f
+    assert not (site / "kernels").exists() and not (site / "benchmarks").exists()
     so = glob.glob(os.path.join(os.path.dirname(pykd.__file__), "_C*.so"))
     assert so, "pykd._C is not built"
     shutil.copy(so[0], site / "pykd")

@@ -1,1 +1,0 @@
-"""Benchmarks, one script per op (installed as ``pykd.benchmarks``)."""

@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers (installed as ``pykd.kernels``). No autograd here."""
