@@ -255,7 +255,8 @@ class Recorder:
 
 def _panel_key(panel: tuple[str, str]):
     metric, mode = panel
-    return (metric != "time", PANEL_ORDER.index(mode) if mode in PANEL_ORDER else len(PANEL_ORDER), mode)
+    order = PANEL_ORDER.index(mode) if mode in PANEL_ORDER else len(PANEL_ORDER)
+    return (metric != "time", metric, order, mode)
 
 
 def pick_baseline(providers, baseline=BASELINES) -> str | None:

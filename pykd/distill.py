@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import datetime
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from .benchmarks.common import peak_extra_mb
+from .benchmarks.common import commit, device_name, peak_extra_mb
 from .integrations import transformers as hf
 from .nn import DistillationLoss
 from .sparse_quant import AttentionSpec
@@ -341,8 +342,11 @@ def run(args) -> dict:
             batch_size=args.batch_size,
             world_size=world,
             device=str(device),
+            machine=device_name(device),
             student_layers=args.student_layers,
             teacher=args.teacher,
+            commit=commit(),
+            date=datetime.date.today().isoformat(),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
