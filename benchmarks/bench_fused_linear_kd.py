@@ -2,10 +2,11 @@
 forward / backward / both, with gradients to the student's hidden states and lm_head weight.
 
 Providers: ``pykd``; ``eager`` (materialized fp32 logits of both models, log_softmax, JSD: what users
-write); ``compile`` (torch.compile of eager); ``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss) when
-liger-kernel is installed and the device is a GPU; ``gemm_floor`` (GPU: the four BT x H x V matmuls
-the op cannot avoid, timed with torch.mm in the input dtype: student and teacher logits, the hidden
-and weight gradients). JSD is the divergence Liger offers fused; pykd's others cost the same GEMMs.
+write); ``compile`` (torch.compile of eager); ``liger_fused_linear_jsd`` (Liger-Kernel's
+LigerFusedLinearJSDLoss) when liger-kernel is installed and the device is a GPU; ``gemm_floor`` (GPU:
+the four BT x H x V matmuls the op cannot avoid, timed with torch.mm in the input dtype: student and
+teacher logits, the hidden and weight gradients). JSD is the divergence Liger offers fused; pykd's
+others cost the same GEMMs.
 Times are medians (p20, p80) in ms; memory is the peak above what was allocated before the call
 (MB), for forward+backward (CPU: in a fresh process). A provider that runs out of memory is
 reported and skipped for larger BT.
@@ -56,15 +57,15 @@ def providers(device: torch.device, wanted: list[str]):
     out = {"pykd": fused, "eager": eager}
     if "compile" in wanted:
         out["compile"] = torch.compile(eager, dynamic=False)
-    if device.type == "cuda" and "liger" in wanted:
+    if device.type == "cuda" and any(w.startswith("liger") for w in wanted):
         try:
             from liger_kernel.transformers import LigerFusedLinearJSDLoss
         except ImportError:
-            print("liger-kernel not installed: skipping the liger provider")
+            print("liger-kernel not installed: skipping liger_fused_linear_jsd")
         else:
             mod = LigerFusedLinearJSDLoss(jsd_beta=BETA, ignore_index=-100, temperature=1.0)
-            out["liger"] = lambda hs, ws, ht, wt, y: mod(hs, ws, ht, wt, y)
-    return {k: v for k, v in out.items() if k in wanted}
+            out["liger_fused_linear_jsd"] = lambda hs, ws, ht, wt, y: mod(hs, ws, ht, wt, y)
+    return {k: v for k, v in out.items() if any(k == w or k.startswith(w + "_") for w in wanted)}
 
 
 def _inputs(bt, h, v, device, dtype):

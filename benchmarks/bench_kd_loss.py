@@ -3,8 +3,10 @@
 Providers: ``pykd``; ``eager`` (log_softmax + kl_div + cross_entropy, what users write);
 ``compile`` (torch.compile of eager); ``liger_kl`` and ``liger_jsd`` (Liger-Kernel's KL and JSD
 losses on log-softmaxed logits, plus torch cross_entropy for the hard term) when liger-kernel is
-installed and the device is a GPU. Times are medians (p20, p80) in ms; memory is the peak above
-what was allocated before the call (MB), for forward+backward.
+installed and the device is a GPU; ``copy_floor`` (the memory-traffic floor measured in the same run:
+one elementwise pass that reads both logits and writes a tensor of their size, as the fused op must at
+least do). Times are medians (p20, p80) in ms; memory is the peak above what was allocated before the
+call (MB), for forward+backward.
 
     python benchmarks/bench_kd_loss.py                 # CPU: rows 1024..4096, V 32000, fp32
     python benchmarks/bench_kd_loss.py --device cuda   # GPU: rows 1024..16384, V 128256, bf16
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, record_times
+from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, record_times, time_ms
 
 T = 2.0
 ALPHA = 0.5
@@ -85,6 +87,12 @@ def measure(rec: Recorder, name: str, fn, s0, t, y, rows: int, device, reps: int
     gc.collect()
 
 
+def copy_floor(s, t, device, reps):
+    """Time of one pass that reads both logits and writes a tensor of their size."""
+    g = torch.empty_like(s)
+    return time_ms(lambda: torch.add(s, t, out=g), device, reps=reps)
+
+
 def run(args) -> Recorder:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -98,6 +106,8 @@ def run(args) -> Recorder:
         y = torch.randint(0, args.vocab, (rows,), device=device)
         for name, fn in fns.items():
             measure(rec, name, fn, s0, t, y, rows, device, args.reps)
+        if "copy_floor" in args.providers:
+            rec.add("copy_floor", "full", "time", "ms", rows, copy_floor(s0, t, device, args.reps))
         rec.add("logits", "full", "memory", "MB", rows, s0.numel() * s0.element_size() / 2**20)
     return rec
 
@@ -109,7 +119,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--rows", type=int, nargs="+", default=None)
     p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--providers", nargs="+", default=["pykd", "eager", "compile", "liger_kl", "liger_jsd"])
+    p.add_argument("--providers", nargs="+",
+                   default=["pykd", "eager", "compile", "liger_kl", "liger_jsd", "copy_floor"])  # fmt: skip
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="one small size, pykd and eager only")

@@ -173,10 +173,58 @@ def updated_readme(text: str) -> str:
     return text
 
 
+PEERS = ("eager", "compile", "sdpa", "sdpa_chunked", "flex", "sage", "liger", "copy_floor", "gemm_floor")
+
+
+def run_summary(folder: str, header: str = "") -> str:
+    """summary.md of one run (gpu_check.sh): for every CSV in ``folder`` and every size, pykd's
+    forward+backward time and peak memory and each other provider's, as ratios (other / pykd: above 1
+    means pykd is faster or leaner; for a floor, pykd's distance from it is 1 / ratio). Names the
+    expected peers that no CSV has."""
+    lines = ["# GPU check: pykd against its peers and floors", "", header, ""] if header else [
+        "# pykd against its peers and floors", ""]  # fmt: skip
+    seen = set()
+    for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
+        rows = read(path)
+        if not rows or "provider" not in rows[0]:
+            continue
+        provs = sorted({r["provider"] for r in rows})
+        seen.update(provs)
+        ours = [p for p in provs if p == "pykd" or p in ("sparse", "dense")]
+        r0 = rows[0]
+        what = f"{r0['op']}, {r0['device']}, {r0['dtype']}, commit {r0['commit']}, {r0['date']}"
+        lines += [f"## {os.path.basename(path)}", "", what, ""]
+        lines.append(f"| provider | {r0['x_name']} | time (ms) | x pykd | memory (MB) | x pykd |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for x in sorted({float(r["x_value"]) for r in rows}):
+            base = next((o for o in ours if value(rows, o, x)[0]), None)
+            t0 = value(rows, base, x)[0] if base else None
+            m0 = value(rows, base, x, "memory")[0] if base else None
+            for p in sorted(provs, key=lambda q: (q not in ours, q)):
+                t, _ = value(rows, p, x)
+                m, _ = value(rows, p, x, "memory")
+                if t is None and m is None:
+                    continue
+                rt = f"{t / t0:.2f}" if t and t0 else ""
+                rm = f"{m / m0:.2f}" if m and m0 else ""
+                lines.append(f"| {p} | {x:g} | {'' if t is None else f'{t:.4g}'} | {rt} | "
+                             f"{'' if m is None else f'{m:.4g}'} | {rm} |")  # fmt: skip
+        lines.append("")
+    missing = [p for p in PEERS if not any(s == p or s.startswith(p + "_") for s in seen)]
+    lines.append("Peers absent from this run: " + (", ".join(missing) if missing else "none") + ".")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--check", action="store_true", help="fail if a generated file is stale")
+    p.add_argument("--summary", metavar="DIR", help="write DIR/summary.md from the CSVs in DIR, nothing else")
+    p.add_argument("--header", default="", help="with --summary: a line under the title")
     args = p.parse_args(argv)
+    if args.summary:
+        with open(os.path.join(args.summary, "summary.md"), "w") as f:
+            f.write(run_summary(args.summary, args.header))
+        return 0
     with open(README) as f:
         readme = f.read()
     wanted = {os.path.join(RESULTS, "README.md"): results_readme(), README: updated_readme(readme)}

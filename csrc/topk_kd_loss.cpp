@@ -7,7 +7,9 @@
 //                 P = 1 - sum_k p_k (teacher's missing mass), Q = sum_{j not in K} q_j.
 //               log Q comes from a log-sum-exp over the non-K logits alone (never 1 - sum q_k,
 //               which cancels when the student puts nearly all its mass on the K entries).
-//               d soft / d z_j = q_j - p_j (j in K),  q_j - P exp(z_j - lse_out) (j not in K).
+//               d soft / d z_j = c q_j - p_j (j in K),  c q_j - P exp(z_j - lse_out) (j not in K),
+//               c = sum_k p_k + P the teacher's total mass (1 unless P is 0 for want of a tail, or
+//               the given probabilities sum above 1).
 //   tail=False  the teacher renormalized over its K entries, p^_k = exp(lp_k - logsumexp(lp)):
 //                 soft = sum_k p^_k (log p^_k - log q_k),  d soft / d z_j = q_j - p^_j [j in K].
 // Plus the hard CE at T = 1 and the reduction scale, exactly as kd_loss. The gradient is written
@@ -93,12 +95,16 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
   }
 
   // Teacher probabilities: as given (tail) or renormalized over K; the tail mass P.
-  float lp_shift = 0.f, p_tail = 0.f;
+  // `mass` is the teacher's total, sum_k p_k + P: the gradient's q coefficient. It is 1 but where
+  // there is no tail bucket for a top-K mass below 1 (K = V, or no student mass outside K) or the
+  // given probabilities sum above 1.
+  float lp_shift = 0.f, p_tail = 0.f, mass = 1.f;
   if constexpr (TAIL) {
     float sum_p = 0.f;
     for (int64_t k = 0; k < K; ++k) sum_p += std::exp(lp[k]);
     // No tail bucket when K covers the vocabulary or the student has no mass outside K.
     p_tail = (K < V && lse_out != -kInf) ? std::max(0.f, 1.f - sum_p) : 0.f;
+    mass = sum_p + p_tail;
   } else {
     float m = -kInf;
     for (int64_t k = 0; k < K; ++k) m = std::max(m, lp[k]);
@@ -124,7 +130,7 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
     const vf zs = sr * inv_t;
     const vf q = vexp(zs - lse);
     vf d = q;
-    if constexpr (TAIL) d -= p_tail * vexp(zs - lse_o);
+    if constexpr (TAIL) d = mass * q - p_tail * vexp(zs - lse_o);
     vf ph = q;
     if constexpr (NEED_H) ph = vexp(sr - lse_h);
     return cs * d + ch * ph;
@@ -139,7 +145,7 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
   for (int64_t k = 0; k < K; ++k) {
     const float sk = static_cast<float>(s[idx[k]]);
     const float ph = NEED_H ? std::exp(sk - lse_h) : std::exp(zk[k] - lse);
-    const float d = std::exp(zk[k] - lse) - std::exp(lp[k] - lp_shift);
+    const float d = mass * std::exp(zk[k] - lse) - std::exp(lp[k] - lp_shift);
     g[idx[k]] = static_cast<S>(cs * d + ch * ph - (idx[k] == y ? ch : 0.f));
   }
 }

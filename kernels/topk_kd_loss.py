@@ -49,7 +49,9 @@ def _topk_kd_loss_kernel(
     tail (TAIL): soft = sum_k p_k (lp_k - log q_k) + P (log P - log Q) with P = 1 - sum_k p_k and
         log Q = lse_out - lse, lse_out the log-sum-exp of the non-K logits alone (an online softmax
         over the vocabulary sweep with the K entries masked out, so Q never comes from 1 - sum q_k).
-        d soft/dz_j = q_j - p_j (j in K), q_j - P exp(z_j - lse_out) (j not in K).
+        d soft/dz_j = c q_j - p_j (j in K), c q_j - P exp(z_j - lse_out) (j not in K), with
+        c = sum_k p_k + P the teacher's total mass: 1, but where P is 0 for want of a tail (K = V, or
+        the student has no mass outside K) or the given probabilities sum above 1.
     no tail: p^ = softmax(lp) over the K entries; soft = sum_k p^_k (log p^_k - log q_k),
         d soft/dz_j = q_j - p^_j [j in K].
     The sweep tests membership with the sorted indices: a window of KW indices starting at the first
@@ -111,6 +113,7 @@ def _topk_kd_loss_kernel(
             lse_out = m + tl.log(l)  # the whole row's lse when not TAIL; -inf for an empty tail
             lp_shift = 0.0
             p_tail = 0.0
+            mass = 1.0  # the teacher's total sum_k p_k + P: the gradient's q coefficient
             if TAIL:
                 m_in = tl.max(zk)
                 m_in_safe = tl.where(m_in == NEG_INF, 0.0, m_in)
@@ -121,6 +124,7 @@ def _topk_kd_loss_kernel(
                 sum_p = tl.sum(tl.exp(lpk))
                 has_tail = (K < V) & (lse_out > NEG_INF)
                 p_tail = tl.where(has_tail, tl.maximum(1.0 - sum_p, 0.0), 0.0)
+                mass = sum_p + p_tail
             else:
                 lse = lse_out
                 m_p = tl.max(lpk)
@@ -148,16 +152,20 @@ def _topk_kd_loss_kernel(
                     offs = v0 + tl.arange(0, BLOCK_V)
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
-                    g = _outside_grad(sr, inv_t, lse, lse_o, p_tail, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET)
+                    g = _outside_grad(
+                        sr, inv_t, lse, lse_o, p_tail, mass, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET
+                    )
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
                 tl.debug_barrier()
                 if HAS_TARGET:
                     sy = tl.load(s_row + y).to(tl.float32)
-                    gy = _outside_grad(sy, inv_t, lse, lse_o, p_tail, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET)
+                    gy = _outside_grad(
+                        sy, inv_t, lse, lse_o, p_tail, mass, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET
+                    )
                     tl.store(g_row + y, (gy - ch).to(g_ptr.dtype.element_ty))
                     tl.debug_barrier()
                 qk = tl.exp(zk - lse)
-                gk = cs * (qk - tl.exp(lpn))
+                gk = cs * (mass * qk - tl.exp(lpn))
                 if HAS_TARGET:
                     phk = qk
                     if NEED_H:
@@ -169,13 +177,13 @@ def _topk_kd_loss_kernel(
 
 
 @triton.jit
-def _outside_grad(sr, inv_t, lse, lse_o, p_tail, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET):
-    """The gradient of an entry outside K: cs (q - P exp(z - lse_out)) + ch softmax(s)."""
+def _outside_grad(sr, inv_t, lse, lse_o, p_tail, mass, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET):
+    """The gradient of an entry outside K: cs (mass q - P exp(z - lse_out)) + ch softmax(s)."""
     z = sr * inv_t
     q = tl.exp(z - lse)
     d = q
     if TAIL:
-        d = q - p_tail * tl.exp(z - lse_o)
+        d = mass * q - p_tail * tl.exp(z - lse_o)
     g = cs * d
     if HAS_TARGET:
         ph = q

@@ -127,7 +127,8 @@ def topk_kd_loss(
         pk = lp.exp()
         soft = _xlogy_safe(pk, lp - log_qk).sum(-1)
         in_k = torch.zeros_like(s, dtype=torch.bool).scatter(-1, idx, True)
-        has_tail = (~in_k).any(-1)
+        # a tail bucket needs keys outside K where the student has mass
+        has_tail = (~in_k & (log_q > float("-inf"))).any(-1)
         # Rows without a tail get a dummy row, so logsumexp's gradient stays finite there.
         outside = torch.where(has_tail[..., None], log_q.masked_fill(in_k, float("-inf")), 0)
         log_q_tail = torch.logsumexp(outside, -1)

@@ -6,7 +6,12 @@ tests/test_gpu_compile.py drives it. Prints one line per compiled kernel.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import csv
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
@@ -16,6 +21,41 @@ from triton.compiler import ASTSource
 from pykd.kernels import attention_kd, common, kd_loss, sparse_quant, topk_kd_loss
 
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
+STATS: list[dict] = []  # one row per compiled kernel, when --csv is given
+FIELDS = ["kernel", "arch", "num_warps", "registers", "stack_bytes", "local_loads", "local_stores",
+          "shared_bytes", "wgmma", "mma_sync", "triton"]  # fmt: skip
+
+
+def build(src, target, label: str, **options) -> None:
+    """Compiles one kernel to a cubin and prints its label; with --csv, records what the compiler
+    made of it: registers, stack frame and local-memory traffic (spills), shared memory, and whether
+    its dots became Hopper's wgmma (HGMMA / QGMMA in SASS) or mma.sync (HMMA / IMMA)."""
+    out = triton.compile(src, target=target, options=options)
+    assert out.asm.get("cubin"), f"no cubin for {label}"
+    print(label, flush=True)
+    if ARGS.csv:
+        STATS.append(dict(kernel=label, arch=target.arch, num_warps=options.get("num_warps", 4),
+                          shared_bytes=out.metadata.shared, triton=triton.__version__,
+                          **sass_stats(out.asm["cubin"])))  # fmt: skip
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Resource usage and instruction counts from the cuobjdump that ships with Triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
+
+    def count(*ops):
+        return sum(len(re.findall(r"\b" + op + r"\b", sass)) for op in ops)
+
+    return dict(registers=int(usage["REG"]), stack_bytes=int(usage["STACK"]) + int(usage["LOCAL"]),
+                local_loads=count("LDL"), local_stores=count("STL"), wgmma=count("HGMMA", "QGMMA", "IGMMA"),
+                mma_sync=count("HMMA", "IMMA"))  # fmt: skip
 
 
 def compile_all(arch: int) -> int:
@@ -42,9 +82,8 @@ def compile_all(arch: int) -> int:
                         signature=dict(sig, **{k: "constexpr" for k in cst}),
                         constexprs=cst,
                     )
-                    out = triton.compile(src, target=target, options={"num_warps": num_warps})
-                    assert out.asm.get("cubin"), "no cubin"
-                    print(f"kd_loss {dtype} V={V} {common.DIVERGENCES[div]} target={has_target}", flush=True)
+                    build(src, target, f"kd_loss {dtype} V={V} {common.DIVERGENCES[div]} target={has_target}",
+                          num_warps=num_warps)  # fmt: skip
                     n += 1
         for per_row in (True, False):
             cst = {"PER_ROW": per_row, "BLOCK": 4096}
@@ -54,8 +93,7 @@ def compile_all(arch: int) -> int:
                 signature=dict(sig, **{k: "constexpr" for k in cst}),
                 constexprs=cst,
             )
-            assert triton.compile(src, target=target).asm.get("cubin")
-            print(f"scale_rows {dtype} per_row={per_row}", flush=True)
+            build(src, target, f"scale_rows {dtype} per_row={per_row}")
             n += 1
     n += compile_topk(target)
     # fp8 e4m3 needs sm_89+: on sm_80 the quantized variants compile with int8 only
@@ -75,8 +113,7 @@ def compile_quantize(target, fp8=True) -> int:
                "levels": "fp32"}  # fmt: skip
         src = ASTSource(fn=sparse_quant._quantize_tokens_kernel, signature=dict(sig, **dict.fromkeys(cst,
                         "constexpr")), constexprs=cst)  # fmt: skip
-        assert triton.compile(src, target=target, options={"num_warps": 8}).asm.get("cubin")
-        print(f"quantize_tokens bfloat16 D=128 {'fp8_e4m3' if is_fp8 else 'int8'}", flush=True)
+        build(src, target, f"quantize_tokens bfloat16 D=128 {'fp8_e4m3' if is_fp8 else 'int8'}", num_warps=8)
         n += 1
     return n
 
@@ -102,8 +139,7 @@ def compile_topk(target) -> int:
                     signature=dict(sig, **{k: "constexpr" for k in cst}),
                     constexprs=cst,
                 )
-                assert triton.compile(src, target=target, options={"num_warps": 8}).asm.get("cubin")
-                print(f"topk_kd_loss {dtype} tail={tail} target={has_target}", flush=True)
+                build(src, target, f"topk_kd_loss {dtype} tail={tail} target={has_target}", num_warps=8)
                 n += 1
     return n
 
@@ -150,9 +186,8 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True, **flags}
         cst.update({k: v for k, v in extra.items() if k in kernel.arg_names})
         src = ASTSource(fn=kernel, signature=_attention_signature(kernel, cst), constexprs=cst)
-        out = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-        assert out.asm.get("cubin"), "no cubin"
-        print(f"attention_kd {name} bfloat16 D={D} kl{label}", flush=True)
+        build(src, target, f"attention_kd {name} bfloat16 D={D} kl{label} {BM}x{BN}",
+              num_warps=warps, num_stages=stages)  # fmt: skip
         n += 1
     return n
 
@@ -178,5 +213,18 @@ def _attention_signature(kernel, cst) -> dict:
     return sig
 
 
+ARGS = argparse.Namespace(csv=None)
+
 if __name__ == "__main__":
-    print("compiled", compile_all(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("arch", type=int, nargs="?", default=90)
+    p.add_argument("--csv", help="write each kernel's registers, spills, shared memory and MMA kind here")
+    ARGS = p.parse_args()
+    n = compile_all(ARGS.arch)
+    if ARGS.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(ARGS.csv)), exist_ok=True)
+        with open(ARGS.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(STATS)
+    print("compiled", n)

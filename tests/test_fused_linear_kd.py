@@ -203,6 +203,16 @@ def test_topk_matches_reference(backend, tail, reduction, chunk_size):
     check(backend, x, topk=(lp, idx), tail=tail, temperature=2.0, reduction=reduction, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("tail", [True, False])
+def test_topk_gradient_when_teacher_mass_is_not_one(backend, tail):
+    """K == V with a teacher whose mass over the student's vocabulary is below 1: no tail bucket, so
+    the gradient is (sum_k p_k) q - p, not q - p."""
+    x = make(11, 16, 13, device=backend.device)
+    lp = torch.log_softmax(torch.randn(11, 13 + 5) * 2, -1)[:, :13].to(backend.device)
+    idx = torch.arange(13, device=backend.device).repeat(11, 1)
+    check(backend, x, topk=(lp, idx), tail=tail, temperature=2.0, chunk_size=4)
+
+
 def test_no_bias_and_default_chunk(backend):
     x = make(9, 16, 29, device=backend.device, bias=False, teacher_bias=False)
     check(backend, x, temperature=2.0)

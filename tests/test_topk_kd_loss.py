@@ -111,6 +111,38 @@ def test_vocab_and_k(backend, tail, V, K):
     check(backend, s, lp, idx, y, temperature=2.0, tail=tail)
 
 
+@pytest.mark.parametrize("case", ["K == V", "no student mass outside K", "probabilities sum above 1"])
+@pytest.mark.parametrize("tail", [True, False])
+def test_gradient_when_teacher_mass_is_not_one(backend, case, tail):
+    """The gradient's q coefficient is the teacher's total mass sum_k p_k + P, which is not 1 where
+    there is no tail bucket for a top-K mass below 1, or where the given probabilities sum above 1.
+    (A kernel that wrote q - p assumed it was 1.)"""
+    R, V, K = 6, 23, 7
+    s = torch.randn(R, V) * 2
+    t = torch.randn(R, V + 9) * 2  # the teacher's vocabulary is larger: its top-K mass over V is < 1
+    if case == "K == V":
+        K = V
+        lp = torch.log_softmax(t, -1)[:, :V]
+        idx = torch.arange(V).repeat(R, 1)
+    else:
+        lp, idx = torch.log_softmax(t, -1)[:, :V].topk(K, -1)
+    if case == "no student mass outside K":
+        s = torch.full((R, V), float("-inf")).scatter(-1, idx, s.gather(-1, idx))
+    if case == "probabilities sum above 1":
+        lp = torch.log_softmax(lp, -1) + 0.05
+    mass = lp.exp().sum(-1)
+    assert ((mass - 1).abs() > 0.01).all()
+    y = idx[:, 0].clone()
+    y[1] = -100
+    dev = backend.device
+    s, lp, idx, y = s.to(dev), lp.to(dev), idx.to(dev), y.to(dev)
+    if tail and case == "probabilities sum above 1":  # the tail form needs sum_k p_k <= 1
+        with pytest.raises(ValueError, match="summing to at most 1"):
+            pykd.topk_kd_loss(s, lp, idx, y, tail=True)
+        return
+    check(backend, s, lp, idx, y, temperature=2.0, tail=tail)
+
+
 def test_window_walks_dense_blocks(backend):
     """Many top-K indices inside one vocabulary block (the membership window must advance several
     times within a block) and indices at both ends of the vocabulary."""
