@@ -274,9 +274,20 @@ def ratios(rows: list[dict], base: str, target: str = "pykd") -> dict:
     out: dict = {}
     for (prov, metric, mode, x), v in sorted(val.items()):
         b = val.get((base, metric, mode, x))
-        if prov == target and b is not None and v > 0:
+        if prov == target and metric in ("time", "memory") and b is not None and v > 0:
             out.setdefault((metric, mode), []).append((x, b / v))
     return out
+
+
+def _log_axes(ax, xs) -> None:
+    """Log x and y; the x ticks at the measured sizes, written out (1024, not 2^10)."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    xs = sorted(xs)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str | None:
@@ -295,6 +306,9 @@ def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str 
     rat = ratios(rows, base, target) if base else {}
     n = len(panels) + bool(rat)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    colors = {
+        p: f"C{i % 10}" for i, p in enumerate(sorted({r["provider"] for r in rows}))
+    }  # one per provider
     for ax, (metric, mode) in zip(axes[0], panels):
         sel = [r for r in rows if r["metric"] == metric and r["mode"] == mode]
         for prov in sorted({r["provider"] for r in sel}):
@@ -311,13 +325,13 @@ def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str 
                 marker="o",
                 capsize=3,
                 label=prov,
+                color=colors[prov],
             )
         r0 = sel[0]
         ax.set_title(f"{r0['op']} {mode} {metric}")
         ax.set_xlabel(r0["x_name"])
         ax.set_ylabel(r0["unit"])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_axes(ax, {float(r["x_value"]) for r in sel})
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     if rat:
@@ -329,8 +343,7 @@ def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str 
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set_title(f"{target} vs {base} (ratio {base} / {target})")
         ax.set_xlabel(rows[0]["x_name"])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_axes(ax, {x for pts in rat.values() for x, _ in pts})
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     r0 = rows[0]

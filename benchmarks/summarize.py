@@ -215,12 +215,30 @@ def run_summary(folder: str, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+# What each benchmark's ratio panel compares (benchmarks write the same when they run).
+PLOT_RATIOS = {"sparse_quant": dict(baseline=("sdpa", "dense"), target="sparse")}
+
+
+def redraw_plots() -> None:
+    sys.path.insert(0, HERE)
+    from common import plot  # noqa: PLC0415  (imports torch: only here)
+
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*", "*.csv"))):
+        rows = read(path)
+        if rows and "provider" in rows[0]:
+            plot(rows, path[:-4] + ".png", **PLOT_RATIOS.get(rows[0]["op"], {}))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--check", action="store_true", help="fail if a generated file is stale")
     p.add_argument("--summary", metavar="DIR", help="write DIR/summary.md from the CSVs in DIR, nothing else")
     p.add_argument("--header", default="", help="with --summary: a line under the title")
+    p.add_argument("--plots", action="store_true", help="redraw every committed PNG from its CSV")
     args = p.parse_args(argv)
+    if args.plots:
+        redraw_plots()
+        return 0
     if args.summary:
         with open(os.path.join(args.summary, "summary.md"), "w") as f:
             f.write(run_summary(args.summary, args.header))
