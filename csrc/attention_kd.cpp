@@ -192,7 +192,7 @@ Tile scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t rows) {
     T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
   }
   if (P.thr.defined()) {  // row top-k: keep s_ij >= theta_i
-    auto c = T.s >= P.thr[b][h].narrow(0, m0, rows).unsqueeze(1);
+    auto c = (T.s < P.thr[b][h].narrow(0, m0, rows).unsqueeze(1)).logical_not();  // NaN stays visible
     T.vis = T.vis.defined() ? T.vis.logical_and(c) : c;
   }
   if (T.vis.defined()) T.s.masked_fill_(T.vis.logical_not(), -kInf);
@@ -218,10 +218,11 @@ Tensor where_vis(const Tile& T, const Tensor& x) {
   return T.vis.defined() ? at::where(T.vis, x, at::zeros({}, x.options())) : x;
 }
 
-// (row max with -inf replaced by 0, whether the row sees any key)
+// (row max with -inf replaced by 0, whether the row sees any key). A NaN max (a NaN score) counts as
+// seen, so the row's lse and loss come out NaN instead of the row dropping out of the mean.
 std::pair<Tensor, Tensor> safe_max(const Tensor& s) {
   auto m = std::get<0>(s.max(1, true));
-  auto has = m > -kInf;
+  auto has = m != -kInf;
   return {at::where(has, m, at::zeros({}, m.options())), has};
 }
 

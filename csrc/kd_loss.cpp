@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "kd_common.h"
@@ -107,13 +108,18 @@ PYKD_HOT void kd_row(const S* __restrict s, const T* __restrict t, S* __restrict
     soft = D == Divergence::kJSD ? P.beta * s1 + (1.f - P.beta) * s2 : 0.5f * s1;
     stat = s2;
   }
+  // A NaN (or an inf that makes one) in either row makes its softmax NaN: the loss and the whole
+  // soft gradient row are NaN, as in the reference, never a finite value from terms that a select
+  // dropped. (mse has no softmax: its NaN stays where the reference puts it.)
+  const float poison = kSoftmax && std::isnan(lse_s + lse_t) ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+  soft += poison;
   const float hard = P.has_hard ? lse_h - static_cast<float>(s[y]) : 0.f;
   *soft_out = soft;
   *hard_out = hard;
   if (!P.compute_grad) return;
 
   // ---- sweep 3: the gradient, every soft term carrying 1/T and the reduction scale
-  const float cs = P.alpha_w * P.grad_scale * inv_t;
+  const float cs = P.alpha_w * P.grad_scale * inv_t + poison;
   const float ch = P.has_hard ? P.one_minus_alpha * P.grad_scale : 0.f;
   const float c_mse = 2.f / static_cast<float>(V) * P.alpha_w * P.grad_scale;
   auto grad = [&](vf sr, vf tr) __attribute__((always_inline)) -> vf {

@@ -55,9 +55,10 @@ std::tuple<Tensor, Tensor, Tensor> quantize_tokens_cpu(const Tensor& x, const st
       float amax = 0.0f;
       for (int64_t e = 0; e < len; ++e) {
         if (pm) y[e] -= pm[bh * D + e % D];
-        amax = std::max(amax, std::fabs(y[e]));
+        const float a = std::fabs(y[e]);
+        if (!(a <= amax) && !std::isnan(amax)) amax = a;  // a NaN sticks: the block's scale is NaN
       }
-      const float s = amax > 0.0f ? amax / levels : 1.0f;
+      const float s = amax == 0.0f ? 1.0f : amax / levels;
       ps[u] = s;
       for (int64_t e = 0; e < len; ++e) {
         const float z = y[e] / s;
@@ -67,7 +68,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_tokens_cpu(const Tensor& x, const st
           c8[off + e] = q;
           c = static_cast<float>(q);
         } else {
-          c = std::clamp(std::nearbyint(z), -127.0f, 127.0f);  // the default rounding mode: half to even
+          c = std::isnan(z) ? 0.0f : std::clamp(std::nearbyint(z), -127.0f, 127.0f);  // the default rounding mode: half to even
           ci[off + e] = static_cast<int8_t>(c);
         }
         pd[off + e] = c * s;

@@ -144,7 +144,7 @@ def _scores(q, k_base, stride_kn, offs_n, col_ok, offs_d, sq, ks_row_ptr, offs_m
     s = s * qk_scale
     vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_row_ptr, HAS_MASK, CAUSAL)
     if HAS_THR:
-        vis = vis & (s >= thr2[:, None])
+        vis = vis & ~(s < thr2[:, None])  # a NaN score stays visible: NaN out
     return tl.where(vis, s, float("-inf")), vis
 
 
@@ -365,7 +365,7 @@ def _attention_kd_fwd_kernel(
                     m_t = mt_new
             m_i = m_new
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # a NaN l (a NaN score) counts as seen: lse and loss come out NaN
     l_safe = tl.where(has, l_i, 1.0)
     tl.store(lse_ptr + row_off, tl.where(has, (m_i + tl.math.log2(l_safe)) * LN2, float("inf")), mask=row_ok)
     if HAS_V:
@@ -513,7 +513,7 @@ def _attention_kd_bwd_dkdv_kernel(
                     vis = vis & (offs_n[:, None] <= offs_m[None, :])
                 if HAS_THR:
                     thr2 = tl.load(thr_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
-                    vis = vis & (sT >= thr2[None, :])
+                    vis = vis & ~(sT < thr2[None, :])
                 dsT = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
                 if HAS_DO:
                     lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
@@ -622,7 +622,7 @@ def _attention_kd_bwd_dq_kernel(
             else:
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if HAS_THR:
-                vis = vis & (s >= thr2[:, None])
+                vis = vis & ~(s < thr2[:, None])  # a NaN score stays visible: NaN out
             ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if HAS_DO:
                 p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse1[:, None])

@@ -167,6 +167,13 @@ def _kd_loss_kernel(
                 else:
                     soft = 0.5 * x1
                 stat = x2
+            # A NaN in either row makes its softmax NaN: the loss and the whole soft gradient row
+            # are NaN, as in the reference (mse has no softmax: its NaN stays where it is).
+            poison = 0.0
+            if DIV != 5:
+                both = lse_s + lse_t
+                poison = tl.where(both != both, float("nan"), 0.0)
+            soft += poison
             hard = 0.0
             if HAS_TARGET:
                 hard = lse_h - tl.load(s_row + y).to(tl.float32)
@@ -174,7 +181,7 @@ def _kd_loss_kernel(
             tl.store(hard_ptr + row64, hard)
             # ---- sweep 3: the gradient
             if COMPUTE_GRAD:
-                cs = alpha_w * gscale * inv_t
+                cs = alpha_w * gscale * inv_t + poison
                 ch = one_minus_alpha * gscale
                 g_row = g_ptr + row64 * stride_g
                 for v0 in range(0, V, BLOCK_V):

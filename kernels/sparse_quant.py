@@ -4,7 +4,8 @@
 One program per (block of BS tokens, batch * head) of x (B, H, N, D), one read of x:
 
     y      = x - mean_{b,h}            (the token mean, when given: K smoothing)
-    scale  = amax|y| / L               (L = 127 int8, 448 fp8 e4m3; 1 for an all-zero block)
+    scale  = amax|y| / L               (L = 127 int8, 448 fp8 e4m3; 1 for an all-zero block, NaN
+                                        for a block holding a NaN)
     codes  = rne(y / scale) in [-127, 127]  or  fp8_e4m3_rne(clamp(y / scale, +-448))
     deq    = codes * scale
 
@@ -43,7 +44,9 @@ def _quantize_tokens_kernel(
         mu = tl.load(mean_ptr + bh * D + offs_d, mask=offs_d < D, other=0.0)
         y = tl.where(ok, y - mu[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(y), 1), 0)
-    scale = tl.where(amax > 0.0, tl.math.div_rn(amax, levels), 1.0)
+    scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, levels))
+    has_nan = tl.sum(tl.sum((y != y).to(tl.int32), 1), 0) > 0
+    scale = tl.where(has_nan, float("nan"), scale)  # a NaN in the block: NaN scale, NaN scores
     z = tl.math.div_rn(y, tl.zeros_like(y) + scale)
     if FP8:
         c = tl.minimum(tl.maximum(z, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")

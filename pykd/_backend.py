@@ -156,3 +156,14 @@ def mean_scale_in_forward(dtype: torch.dtype) -> bool:
     fp16: (p_s - p_t)/n underflows fp16's range before a loss scaler's grad_output arrives, so
     fp16 gradients are stored per row and backward applies grad_output / n."""
     return dtype != torch.float16
+
+
+def refuse_double_backward(op: str) -> None:
+    """For ops whose gradient the forward computes (it has no graph of its own): a backward with
+    create_graph=True would return a constant and silently drop every second-order term, so it
+    raises instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"pykd.{op}: double backward (create_graph=True) is not supported: the gradient is computed "
+            f"in the forward and has no graph of its own; use pykd.reference.{op} for second-order terms"
+        )

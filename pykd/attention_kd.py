@@ -351,7 +351,7 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
         op_divergence, causal, scale_s, scale_t, temperature, *extra, cap is not None and cap.kind == "uint8",
     )  # fmt: skip
     pairs = stats[..., 2] if divergence == "mse_scores" else None
-    loss = _reduce(row, lse < float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction, pairs)
+    loss = _reduce(row, lse != float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction, pairs)
     return (out if v_s is not None else None), loss
 
 
@@ -499,10 +499,11 @@ def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t,
 
 def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal,
               scale_s, scale_t, temperature, *extra):  # fmt: skip
+    # contiguous, as the kernels write them (empty_like would copy a transposed input's strides)
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        (torch.empty_like(v) if v is not None else q.new_empty(0)),
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape) if v is not None else q.new_empty(0),
     )
 
 

@@ -549,6 +549,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dloss, dsoft, dhard, dgh, dgw, dgb):
+    _backend.refuse_double_backward("fused_linear_kd_loss")
     nones = (None,) * 19
     if dloss is None:
         return (None, None, None, *nones)

@@ -230,6 +230,7 @@ def register_row_loss_autograd(
             )
 
     def backward(ctx, dloss, dsoft, dhard, dgrad):
+        _backend.refuse_double_backward(op)
         none = (None,) * (ctx.n_inputs - 1)
         if ctx.consumed:
             raise RuntimeError(

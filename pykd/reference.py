@@ -223,7 +223,7 @@ def quantize_tokens(x, fmt, block_size, *, smooth=False):
     nb = -(-N // block_size)
     xp = torch.nn.functional.pad(xf, (0, 0, 0, nb * block_size - N)).view(B, H, nb, block_size, D)
     amax = xp.abs().amax((-1, -2))
-    scale = torch.where(amax > 0, amax / levels, torch.ones_like(amax))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / levels)  # a NaN block: NaN scale
     y = xp / scale[..., None, None]
     if fmt == "int8":
         codes = y.round().clamp(-127, 127).to(torch.int8)
@@ -257,7 +257,7 @@ def student_scores(q, k, scale, vis, spec):
     if spec is not None and spec.topk is not None:
         kk = min(spec.topk, s.shape[-1])
         kth = s.detach().masked_fill(~vis, float("-inf")).topk(kk, -1).values[..., -1:]
-        vis = vis & (s.detach() >= kth)
+        vis = vis & ~(s.detach() < kth)  # a NaN score (or threshold) stays visible: NaN out
     return s, vis
 
 
@@ -338,8 +338,8 @@ def attention_kd(
     else:
         lps, lpt = _log_softmax_masked(s / tau, vis), _log_softmax_masked(t / tau, vis)
         ps, pt = _softmax_masked(s / tau, vis), _softmax_masked(t / tau, vis)
-        if divergence == "kl":  # pt > 0: a 0 code of a teacher map adds nothing
-            row = torch.where(pt > 0, pt * (lpt - lps), 0.0).sum(-1)
+        if divergence == "kl":  # pt = 0 (a 0 code of a teacher map) adds nothing; a NaN pt stays NaN
+            row = torch.where(pt == 0, 0.0, pt * (lpt - lps)).sum(-1)
         elif divergence == "reverse_kl":
             row = (ps * (lps - lpt)).sum(-1)
         elif divergence == "mse":
