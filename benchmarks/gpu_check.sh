@@ -59,7 +59,7 @@ run_tests() {  # run_tests LABEL SHARE_PERCENT ARGS...: one pytest, at most SHAR
 # backend against the reference, opcheck and compile, then Hugging Face equality
 run_tests "gpu-marked" 40 -m gpu tests/
 run_tests "reference, opcheck, compile on CUDA" 70 tests/ -m "not gpu" \
-  -k "triton and (matches_reference or opcheck or compile_fullgraph or half or low_precision or poison)"
+  -k "triton and (matches_reference or opcheck or compile_fullgraph or compile_triton or test_nan or half or low_precision or poison)"
 run_tests "Hugging Face equality" 100 tests/test_transformers.py -k "sdpa or eager_maps or set_attention_spec"
 
 stage "benchmarks (budget ${T_BENCH}s)"

@@ -161,7 +161,7 @@ def _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature, teach
         )
     _checks.same_device(["q_s", "k_s", "q_t", "k_t"], [q_s, k_s, q_t, k_t])
     _checks.choice("divergence", divergence, _DIVERGENCES)
-    temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+    temperature = _checks.temperature("temperature", temperature)
     scale_t = _scale("scale_t", scale_t, q_t.shape[3])
     th = _teacher_heads(teacher_heads, H_s, q_t.shape[1], q_s.device)
     return temperature, scale_t, th
@@ -337,7 +337,7 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
         temperature, scale_t, th = _prepare_teacher(q_s, k_s, q_t, k_t, divergence, scale_t, temperature,
                                                     teacher_heads)  # fmt: skip
     else:  # a stored teacher in place of q_t, k_t: a top-k capture or a uint8 map (pykd/capture.py)
-        temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+        temperature = _checks.temperature("temperature", temperature)
         th = _teacher_heads(teacher_heads, q_s.shape[1], cap.heads, q_s.device)
         scale_t = 1.0
         if cap.kind == "topk":
@@ -463,8 +463,11 @@ def relation_kd(
         _checks.tensor(name, x, float_dtype=True)
         if x.dim() != 3:
             raise ValueError(f"{name} must be 3-D (B, N, X), got shape {tuple(x.shape)}")
-        if x.shape[2] % R:
-            raise ValueError(f"num_relation_heads={R} must divide {name}'s width {x.shape[2]}")
+        if x.shape[2] % R or not 1 <= x.shape[2] // R <= _MAX_HEAD_DIM:
+            raise ValueError(
+                f"num_relation_heads={R} must divide {name}'s width {x.shape[2]} into relation heads of "
+                f"1 to {_MAX_HEAD_DIM} dims"
+            )
     if x_t.shape[:2] != x_s.shape[:2]:
         raise ValueError(
             f"x_t must have the (B, N) of x_s {tuple(x_s.shape[:2])}, got {tuple(x_t.shape[:2])}"

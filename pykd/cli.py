@@ -7,7 +7,7 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = ("kd_loss", "attention_kd", "fused_linear_kd", "sparse_quant")
+BENCHMARKS = ("kd_loss", "attention_kd", "fused_linear_kd", "sparse_quant", "host_overhead")
 
 
 def info() -> dict:

@@ -354,7 +354,7 @@ def _drive(a, *, need, row_scale=None):
     gw32 = torch.zeros((V, H) if need[1] else (0,), device=dev, dtype=f32)
     gb32 = torch.zeros((V,) if need[2] else (0,), device=dev, dtype=f32)
     losses, softs, hards = [], [], []
-    for c0 in range(0, R, a["chunk_size"]):
+    for c0 in range(0, max(R, 1), a["chunk_size"]):  # 0 rows: one empty chunk gives the empty result
         c1 = min(R, c0 + a["chunk_size"])
         hc = hs[c0:c1]
         logits = _logits_f32(hc, ws, bs, a["w_s32"])
@@ -568,7 +568,7 @@ def _backward(ctx, dloss, dsoft, dhard, dgh, dgw, dgb):
     eager = not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in (gh, gw, gb))
     outs = []
     for g, d, needed in ((gh, dh, ctx.need[0]), (gw, dloss, ctx.need[1]), (gb, dloss, ctx.need[2])):
-        if not needed or g.numel() == 0:
+        if not needed:
             outs.append(None)
         elif eager:
             torch.ops.pykd.scale_rows_(g, d)  # in place; a no-op for grad_output == 1

@@ -153,7 +153,7 @@ def row_loss_options(
     Returns (temperature, alpha, ignore_index, num_items) with alpha's default resolved and
     num_items a 0-d tensor or None."""
     _checks.choice("reduction", reduction, _checks.REDUCTIONS)
-    temperature = _checks.real("temperature", temperature, lo=0.0, lo_open=True)
+    temperature = _checks.temperature("temperature", temperature)
     ignore_index = _checks.integer("ignore_index", ignore_index)
     _checks.boolean("scale_by_t2", scale_by_t2)
     _checks.boolean("return_components", return_components)
@@ -182,9 +182,14 @@ def row_loss_options(
                     f"{tuple(num_items_in_batch.shape)}"
                 )
             num_items = num_items_in_batch.detach()
+            # its value costs a host sync on a GPU: checked on CPU, and on a GPU under set_debug
+            if num_items.device.type == "cpu" or (_backend.debug() and num_items.device.type != "meta"):
+                if not torch.compiler.is_compiling():
+                    _check_num_items(float(num_items.float()))
         else:
-            n = _checks.real("num_items_in_batch", num_items_in_batch, lo=0.0, lo_open=True)
+            n = _checks.real("num_items_in_batch", num_items_in_batch)
             num_items = torch.tensor(n, dtype=torch.float32)
+            _check_num_items(float(num_items))
         if num_items.device != device and not (num_items.device.type == "cpu" and num_items.dim() == 0):
             raise ValueError(
                 f"num_items_in_batch must be on {device} or a CPU scalar, got {num_items.device}"
@@ -194,6 +199,12 @@ def row_loss_options(
         _check_target_range(target, V, ignore_index)  # C++ checks CPU targets itself
     _backend.require_cpp()
     return temperature, alpha, ignore_index, num_items
+
+
+def _check_num_items(n: float) -> None:
+    """num_items_in_batch as the kernels see it (fp32): a positive, finite count."""
+    if not (0 < n < float("inf")):
+        raise ValueError(f"num_items_in_batch must be a positive finite number (as fp32), got {n}")
 
 
 def _check_target_range(target: torch.Tensor, V: int, ignore_index: int) -> None:
@@ -221,6 +232,8 @@ def register_row_loss_autograd(
         ctx.mark_non_differentiable(soft, hard, grad)
         ctx.set_materialize_grads(False)  # else autograd builds a zero (rows, V) cotangent for `grad`
         ctx.save_for_backward(grad)
+        # 0 rows (or V = 0): an empty gradient, not a missing one
+        ctx.empty_shape = tuple(student.shape) if student.numel() == 0 else None
         ctx.n_inputs = len(inputs)
         ctx.consumed = False
         ctx.denominator = None  # the "mean" 1/n still to apply in backward (fp16 only)
@@ -242,6 +255,8 @@ def register_row_loss_autograd(
         (grad,) = ctx.saved_tensors
         if ctx.denominator is not None:
             dloss = dloss / ctx.denominator
+        if ctx.empty_shape is not None:
+            return (grad.new_zeros(ctx.empty_shape), *none)
         if grad.numel() == 0:
             raise RuntimeError(
                 f"pykd.{op}: the forward ran without a gradient (the student did not require grad "

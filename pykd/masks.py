@@ -104,6 +104,10 @@ def topk_blocks(q: torch.Tensor, k: torch.Tensor, topk: int, *, block_size: int 
             raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
     if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"k heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head dim")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k need at least one token, got N_q={q.shape[2]}, N_k={k.shape[2]}")
 
     def pool(x):
         B, H, N, D = x.shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from ..attention_kd import relation_kd
 from ..fused_linear_kd import fused_linear_kd_loss
 from ..kd_loss import _DIVERGENCES, kd_loss
@@ -188,9 +189,8 @@ class DistillationLoss(torch.nn.Module):
         super().__init__()
         weights = dict(logit=logit_weight, hidden=hidden_weight, attention=attention_weight,
                        relation=relation_weight)  # fmt: skip
-        for name, w in weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-                raise ValueError(f"{name}_weight must be a number >= 0, got {w!r}")
+        for name, w in weights.items():  # any real number (numpy scalars too), finite and >= 0
+            weights[name] = _checks.real(f"{name}_weight", w, lo=0.0)
         if hidden_loss not in self.HIDDEN_LOSSES:
             raise ValueError(
                 f"hidden_loss must be one of {', '.join(map(repr, self.HIDDEN_LOSSES))}, got {hidden_loss!r}"

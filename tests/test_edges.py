@@ -1,0 +1,115 @@
+"""Edges: empty inputs give empty results with empty gradients (both backends), options outside
+the range the fp32 kernels serve are refused with an error naming the argument, before any kernel
+runs. See docs/robustness.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close
+
+import pykd
+from pykd import reference
+
+
+def _logit_case(op, R, dev, V=11, K=3, H=5):
+    """(f(leaf) -> loss, leaf values, ref(leaf64) -> loss) for a row-loss op with R rows on dev."""
+    t = torch.randn(R, V)
+    lp, idx = torch.log_softmax(t, -1).topk(K, -1)
+    ht, wt, w = torch.randn(R, H), torch.randn(V, H), torch.randn(V, H)
+    d = {k: v.to(dev) for k, v in dict(t=t, lp=lp, idx=idx, ht=ht, wt=wt, w=w).items()}
+    cases = {
+        "kd_loss": (lambda s, **o: pykd.kd_loss(s, d["t"], **o), torch.randn(R, V),
+                    lambda s, **o: reference.kd_loss(s, t.double(), **o)),
+        "topk_kd_loss": (lambda s, **o: pykd.topk_kd_loss(s, d["lp"], d["idx"], **o), torch.randn(R, V),
+                         lambda s, **o: reference.topk_kd_loss(s, lp.double(), idx, **o)),
+        "fused_linear_kd_loss": (
+            lambda h, **o: pykd.fused_linear_kd_loss(h, d["w"], d["ht"], d["wt"], **o), torch.randn(R, H),
+            lambda h, **o: reference.fused_linear_kd_loss(h, w.double(), ht.double(), wt.double(), **o)),
+        "fused_linear_topk_kd_loss": (
+            lambda h, **o: pykd.fused_linear_topk_kd_loss(h, d["w"], d["lp"], d["idx"], **o),
+            torch.randn(R, H),
+            lambda h, **o: reference.fused_linear_topk_kd_loss(h, w.double(), lp.double(), idx, **o)),
+    }  # fmt: skip
+    return cases[op]
+
+
+LOGIT_OPS = ["kd_loss", "topk_kd_loss", "fused_linear_kd_loss", "fused_linear_topk_kd_loss"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("op", LOGIT_OPS)
+def test_zero_rows(backend, op, reduction):
+    f, x, ref = _logit_case(op, 0, backend.device)
+    leaf = x.to(backend.device).requires_grad_(True)
+    with backend():
+        loss = f(leaf, reduction=reduction)
+        loss.sum().backward()
+    want = ref(x.double(), reduction=reduction)
+    assert loss.shape == want.shape and torch.equal(loss.cpu().double(), want)
+    assert leaf.grad is not None and leaf.grad.shape == x.shape
+
+
+def test_attention_empty_sequence(backend):
+    q = torch.randn(1, 2, 0, 8, device=backend.device, requires_grad=True)
+    with backend():
+        out = pykd.attention(q, q, q)
+        out.sum().backward()
+    assert out.shape == (1, 2, 0, 8) and q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("T", [1e-5, 101.0, float("nan"), float("inf")])
+def test_temperature_range(T):
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    q = torch.randn(1, 1, 3, 4)
+    for call in (lambda: pykd.kd_loss(s, t, temperature=T),
+                 lambda: pykd.topk_kd_loss(s, *torch.log_softmax(t, -1).topk(2, -1), temperature=T),
+                 lambda: pykd.attention_kd(q, q, q, q, q, temperature=T)):  # fmt: skip
+        with pytest.raises(ValueError, match="temperature"):
+            call()
+
+
+@pytest.mark.parametrize("T", [1e-4, 100.0])
+def test_temperature_range_ends_are_served(T):
+    """At both ends of the accepted range the fp32 loss keeps its digits (docs/robustness.md)."""
+    s, t = torch.randn(16, 300) * 3, torch.randn(16, 300) * 3
+    got = pykd.kd_loss(s, t, temperature=T)
+    want = reference.kd_loss(s.double(), t.double(), temperature=T)
+    assert_close(got, want, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("n", [torch.tensor(0), torch.tensor(-3), torch.tensor(float("nan")), 1e-50, 0.0])
+def test_num_items_in_batch_must_be_positive(n):
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        pykd.kd_loss(s, t, num_items_in_batch=n)
+
+
+def test_integers_must_fit_int64():
+    s, t, y = torch.randn(2, 5), torch.randn(2, 5), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        pykd.kd_loss(s, t, y, ignore_index=2**70)
+    h, w = torch.randn(2, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="chunk_size must fit in int64"):
+        pykd.fused_linear_kd_loss(h, w, h, w, chunk_size=2**64)
+
+
+@pytest.mark.parametrize("X,R", [(600, 2), (0, 2), (6, 4)])
+def test_relation_heads_name_the_argument(X, R):
+    with pytest.raises(ValueError, match="num_relation_heads"):
+        pykd.relation_kd(torch.randn(1, 4, X), torch.randn(1, 4, X), R)
+
+
+def test_distillation_loss_takes_numpy_weights():
+    loss = pykd.nn.DistillationLoss(logit_weight=np.float32(0.5), hidden_weight=np.float64(0.25))
+    assert loss.weights["logit"] == 0.5 and loss.weights["hidden"] == 0.25
+    with pytest.raises(ValueError, match="logit_weight"):
+        pykd.nn.DistillationLoss(logit_weight=float("nan"))
+
+
+@pytest.mark.parametrize("q,k", [((1, 1, 0, 8), (1, 1, 0, 8)), ((1, 1, 4, 8), (1, 1, 4, 6)),
+                                 ((2, 1, 4, 8), (1, 1, 4, 8))])  # fmt: skip
+def test_topk_blocks_bad_shapes(q, k):
+    with pytest.raises(ValueError, match="q"):
+        pykd.masks.topk_blocks(torch.randn(q), torch.randn(k), 1, block_size=2)
