@@ -91,6 +91,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer calls")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    out = f"{args.out_dir}/{device_name(device)}"  # the machine's folder, as every benchmark's
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     reps = args.reps or (100 if args.quick else 1000)
     rec = Recorder("host_overhead", device, "float32", "N", [])
@@ -101,7 +103,7 @@ def main(argv=None):
             rec.add(name, "fwd", "time", "us", N, per_call_us(functools.partial(f, *xs), device, reps))
         full = functools.partial(lambda f, xs: scalar(f(*xs)).backward(), f, xs)
         rec.add(name, "full", "time", "us", N, per_call_us(full, device, reps))
-    out = f"{args.out_dir}/{device_name(device)}"
+    torch.set_num_threads(threads)
     csv_path, png = rec.write(out, "host_overhead" + ("_quick" if args.quick else ""),
                               baseline=("sdpa",), target="attention")  # fmt: skip
     print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
