@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name
+from pykd.benchmarks.common import Recorder, device_name, wall_ms
 
 N = 16  # tokens (attention) and rows (logit ops): small enough that the kernels cost ~nothing
 
@@ -69,17 +67,7 @@ def per_call_us(fn, device, reps: int) -> tuple[float, float, float]:
     """(median, p20, p80) microseconds of fn(), timed one call at a time after a warm-up."""
     for _ in range(10):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e6)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[1], q[7]
+    return tuple(1e3 * x for x in wall_ms(fn, device, reps=reps))
 
 
 def main(argv=None):

@@ -98,6 +98,12 @@ def time_ms(fn: Callable[[], None], device: torch.device, *, reps: int, setup=No
         if setup is None:
             ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=200)
             return tuple(ms)
+    return wall_ms(fn, device, reps=reps, setup=setup)
+
+
+def wall_ms(fn: Callable[[], None], device: torch.device, *, reps: int, setup=None):
+    """(median, p20, p80) wall-clock milliseconds of fn(), one call at a time (host time included:
+    a GPU is synchronized before and after each call); setup() runs untimed before each call."""
     times = []
     for _ in range(reps):
         if setup is not None:

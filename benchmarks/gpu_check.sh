@@ -22,6 +22,16 @@ SMALL=${SMALL:-0}
 T_TESTS=${T_TESTS:-180}  # seconds for the whole test selection
 T_BENCH=${T_BENCH:-200}  # seconds for all benchmarks
 stage() { echo "=== $(date -u +%H:%M:%S) +${SECONDS}s $*" | tee -a "$OUT/bench.log"; }
+budgeted() {  # budgeted LOG END SHARE_PERCENT LABEL CMD...: CMD gets SHARE% of the seconds left to END
+  local log=$1 end=$2 share=$3 label=$4
+  shift 4
+  local left=$((end - SECONDS))
+  [ "$left" -le 5 ] && { echo "--- $label: no time left" | tee -a "$log"; return; }
+  local t=$((left * share / 100))
+  echo "--- $label (${t}s) $(date -u +%H:%M:%S)" | tee -a "$log"
+  timeout "$t" "$@" >>"$log" 2>&1
+  echo "--- $label: exit $? at +${SECONDS}s" | tee -a "$log"
+}
 
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/bench.log"
@@ -44,15 +54,11 @@ python3 -m pykd info | tee -a "$OUT/bench.log"
 
 stage "tests (budget ${T_TESTS}s)"
 t_end=$((SECONDS + T_TESTS))
-run_tests() {  # run_tests LABEL SHARE_PERCENT ARGS...: one pytest, at most SHARE% of what is left
+run_tests() {  # run_tests LABEL SHARE_PERCENT PYTEST_ARGS...
   local label=$1 share=$2
   shift 2
-  local left=$((t_end - SECONDS))
-  [ "$left" -le 5 ] && { echo "--- $label: no time left" | tee -a "$OUT/tests.log"; return; }
-  local t=$((left * share / 100))
-  echo "--- $label (${t}s) $(date -u +%H:%M:%S)" | tee -a "$OUT/tests.log"
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider -rfE --durations=10 "$@" >>"$OUT/tests.log" 2>&1
-  echo "--- $label: exit $? at +${SECONDS}s" | tee -a "$OUT/tests.log"
+  budgeted "$OUT/tests.log" "$t_end" "$share" "$label" python3 -m pytest -q -p no:cacheprovider -rfE \
+    --durations=10 "$@"
   tail -3 "$OUT/tests.log" | grep -E "passed|failed|error" | tail -1
 }
 # every Triton kernel variant at real tile sizes (the gpu-marked tests), then each op on the CUDA
@@ -67,12 +73,7 @@ b_end=$((SECONDS + T_BENCH))
 bench() {  # bench SHARE_PERCENT SCRIPT ARGS...
   local share=$1 script=$2
   shift 2
-  local left=$((b_end - SECONDS))
-  [ "$left" -le 5 ] && { echo "--- $script: no time left" | tee -a "$OUT/bench.log"; return; }
-  local t=$((left * share / 100))
-  echo "--- $script $* (${t}s)" | tee -a "$OUT/bench.log"
-  timeout "$t" python3 "benchmarks/$script" --out-dir "$RES" "$@" >>"$OUT/bench.log" 2>&1
-  echo "--- exit $? at +${SECONDS}s" | tee -a "$OUT/bench.log"
+  budgeted "$OUT/bench.log" "$b_end" "$share" "$script $*" python3 "benchmarks/$script" --out-dir "$RES" "$@"
 }
 if [ "$SMALL" = 1 ]; then
   KD="--rows 64 --vocab 512 --reps 2"; FL="--rows 64 --hidden 64 --vocab 512 --reps 2"
