@@ -218,6 +218,12 @@ class Recorder:
     def __post_init__(self):
         self.commit = self.commit or commit()
         self.device_label = self.device_label or device_name(self.device)
+        # PYKD_PARTIAL_DIR (set by gpu_check.sh): every row is also saved at once, so a run stopped
+        # by its time limit keeps what it measured; write() removes the partial file.
+        partial = os.environ.get("PYKD_PARTIAL_DIR")
+        self._partial = (
+            os.path.join(partial, f"{self.op}_{os.getpid()}_{id(self)}.partial.csv") if partial else None
+        )
 
     def add(self, provider, mode, metric, unit, x_value, stats):
         import pykd
@@ -246,16 +252,23 @@ class Recorder:
             f"  {provider:>10} {mode:>4} {metric:>6} {self.x_name}={x_value}: {med:.4g} {unit}",
             flush=True,
         )
+        if self._partial:
+            self._write_csv(self._partial)
+
+    def _write_csv(self, path: str) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(self.rows)
 
     def write(self, out_dir: str, stem: str, baseline=BASELINES, target="pykd") -> tuple[str, str | None]:
         """The CSV, and the PNG with a ratio panel of ``target`` against the first provider of
         ``baseline`` that was measured (the one a user would otherwise pick)."""
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{stem}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(self.rows)
+        self._write_csv(path)
+        if self._partial and os.path.exists(self._partial):
+            os.remove(self._partial)
         return path, plot(self.rows, os.path.join(out_dir, f"{stem}.png"), baseline=baseline, target=target)
 
 

@@ -18,6 +18,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 RES="$OUT/results"  # CSVs and PNGs, packed into results.tgz at the end
 mkdir -p "$RES"
+export PYKD_PARTIAL_DIR="$RES"  # a benchmark stopped by its time limit keeps its rows (*.partial.csv)
 SMALL=${SMALL:-0}
 T_TESTS=${T_TESTS:-180}  # seconds for the whole test selection
 T_BENCH=${T_BENCH:-200}  # seconds for all benchmarks

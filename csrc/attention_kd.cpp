@@ -257,6 +257,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
     const std::optional<Tensor>& k_codes, const std::optional<Tensor>& q_scale,
     const std::optional<Tensor>& k_scale, const std::string& pv_format, bool teacher_map) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
+  // Autocast is thread-local: it would reach the GEMMs of this thread's tiles and not the pool's.
+  // The kernels compute in fp32 from their inputs' dtypes whatever the caller's autocast state.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, causal, scale_s, scale_t,
             temperature, block_mask, block_size, row_threshold, teacher_map);
   P.set_quant(q_codes, k_codes, q_scale, k_scale, pv_format);
@@ -375,6 +378,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
     const std::optional<Tensor>& k_codes, const std::optional<Tensor>& q_scale,
     const std::optional<Tensor>& k_scale, bool teacher_map) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as in the forward
   Problem P(q, k, v, q_t, k_t, key_padding_mask, teacher_heads,
             grad_row.has_value() ? divergence : std::string("none"), causal, scale_s, scale_t, temperature,
             block_mask, block_size, row_threshold, teacher_map);
@@ -390,11 +394,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
   }
   if (has_div) g = grad_row->to(at::kFloat).contiguous().unsqueeze(-1);
   const int64_t tiles = (P.Nq + P.tile - 1) / P.tile;
-  // Split each (b, h) into chunks of query tiles so that all threads have work; each task owns
-  // fp32 dk/dv buffers, summed below.
+  // Split each (b, h) into chunks of query tiles so that threads have work; each task owns fp32
+  // dk/dv buffers, summed below. The split is fixed (kTasks), never the thread count, so dk and dv
+  // are bitwise the same for any number of threads.
+  constexpr int64_t kTasks = 16;  // scratch: 2 max(B H, 16) N_k D_s fp32
   const int64_t bh = P.B * P.H;
   const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(tiles, (at::get_num_threads() + bh - 1) / std::max<int64_t>(bh, 1)));
+      std::max<int64_t>(1, std::min<int64_t>(tiles, (kTasks + bh - 1) / std::max<int64_t>(bh, 1)));
   auto dq = new_output({P.B, P.H, P.Nq, P.Ds}, f);
   auto dk_part = at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f);
   auto dv_part = has_do ? at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f) : Tensor();

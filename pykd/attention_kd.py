@@ -266,6 +266,9 @@ def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, t
         raise TypeError(f"teacher must be a pykd.AttentionCapture, got {type(teacher).__name__}")
     if q_t is not None or k_t is not None or scale_t is not None:
         raise ValueError("pass either q_t, k_t (and scale_t) or teacher=<capture>, not both")
+    if teacher.kind not in _capture.CAPTURES:
+        raise ValueError(f"teacher.kind must be one of {', '.join(map(repr, _capture.CAPTURES))}, "
+                         f"got {teacher.kind!r}")  # fmt: skip
     B, _, N_q, _ = q_s.shape
     lse = teacher.lse
     if lse.shape[0] != B or lse.shape[2] != N_q or teacher.num_keys != k_s.shape[2]:
@@ -295,6 +298,12 @@ def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, t
                 f'a "uint8" teacher capture distills divergence "kl" or "mse" (its 0 codes have no log), '
                 f"got {divergence!r}"
             )
+        if _inspectable(codes) and codes.numel():
+            empty = (codes.amax(-1) == 0) & (lse != float("inf"))  # sees keys, yet all its codes are 0
+            if bool(empty.any()):
+                rows = empty.nonzero()[:3].tolist()
+                raise ValueError('a "uint8" capture row that sees keys must have a nonzero code (its largest '
+                                 f"probability is 255); rows {rows} are all 0")  # fmt: skip
         return None, None, None, teacher
     _check_topk_capture(teacher, lse.shape, k_s.shape[2])
     if divergence != "kl":
@@ -320,11 +329,26 @@ def _check_topk_capture(cap, lse_shape, N_k) -> None:
         )
     if probs.device != cap.lse.device or idx.device != cap.lse.device:
         raise ValueError(f'a "topk" capture\'s probs and indices must be on {cap.lse.device}')
-    if not torch.compiler.is_compiling() and idx.numel():
+    if _inspectable(idx) and idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= N_k:
             bad = lo if lo < 0 else hi
             raise ValueError(f'a "topk" capture\'s indices must lie in [0, N_k={N_k}), got {bad}')
+        p = probs.float()
+        if not bool(((p >= 0) & (p <= 1)).all()) or bool((p.sum(-1) > 1 + 1e-3).any()):
+            raise ValueError('a "topk" capture\'s probs must be probabilities: in [0, 1], no NaN, each row '
+                             "summing to at most 1")  # fmt: skip
+        # a key listed twice would be counted twice (a negative KL); entries of probability 0 (rows
+        # that see fewer than K keys) may repeat
+        keyed = torch.where(p > 0, idx.long(), -1 - torch.arange(idx.shape[-1], device=idx.device))
+        srt = keyed.sort(-1).values
+        if bool((srt[..., 1:] == srt[..., :-1]).any()):
+            raise ValueError('a "topk" capture\'s indices must be distinct within a row (where probs > 0)')
+
+
+def _inspectable(x: torch.Tensor) -> bool:
+    """Whether a tensor's values can be checked: not while tracing, not on the meta device."""
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
 def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,

@@ -93,7 +93,7 @@ def capture(kind, q, k, lse, scale, *, causal, key_padding_mask, capture_k):
 
     if kind == "uint8":
         codes = torch.empty((B, H, N_q, N_k), dtype=torch.uint8, device=q.device)
-        for i0, i1 in chunks:
+        for i0, i1 in chunks if N_k else ():  # no keys: an empty map
             s = scores(i0, i1)
             m = s.amax(-1, keepdim=True)
             e = torch.exp(s - torch.where(m > float("-inf"), m, 0.0))  # hidden: 0

@@ -337,6 +337,13 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype)
 
 
 def _drive(a, *, need, row_scale=None):
+    """_run_chunks with autocast off: the op computes in its inputs' dtypes (fp32 logits from
+    bf16/fp16 GEMMs) whatever autocast state the caller is in."""
+    with torch.autocast(a["h_s"].device.type, enabled=False):
+        return _run_chunks(a, need=need, row_scale=row_scale)
+
+
+def _run_chunks(a, *, need, row_scale=None):
     """Runs every chunk. need = (grad_h, grad_w, grad_b) wanted; row_scale (R,) multiplies each row's
     logit gradient (the recompute of reduction="none"). Returns (loss, soft, hard, gh, gw, gb)."""
     hs, ws, bs = a["h_s"], a["w_s"], a["b_s"]

@@ -4,6 +4,8 @@ runs. See docs/robustness.md."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,105 @@ def test_distillation_loss_takes_numpy_weights():
 def test_topk_blocks_bad_shapes(q, k):
     with pytest.raises(ValueError, match="q"):
         pykd.masks.topk_blocks(torch.randn(q), torch.randn(k), 1, block_size=2)
+
+
+# --- the CPU kernels' results depend neither on the thread count nor on the caller's autocast
+
+
+def _attention_grads(threads, autocast):
+    torch.manual_seed(0)
+    # one (batch, head) of 3 query tiles: the backward may split its tiles among threads
+    q, k, v = (torch.randn(1, 1, 150, 16, requires_grad=True) for _ in range(3))
+    qt, kt = torch.randn(1, 1, 150, 8), torch.randn(1, 1, 150, 8)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, loss = pykd.attention_kd(q, k, v, qt, kt, causal=True)
+            (out.square().sum() + loss).backward()
+    finally:
+        torch.set_num_threads(old)
+    return [out.detach(), loss.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_bitwise_across_threads_and_autocast(autocast):
+    ref = _attention_grads(1, False)
+    for threads in (1, 2):
+        got = _attention_grads(threads, autocast)
+        for name, a, b in zip(("out", "loss", "dq", "dk", "dv"), got, ref):
+            assert a.dtype == torch.float32, name
+            assert torch.equal(a, b), f"{name} differs with {threads} threads, autocast={autocast}"
+
+
+def test_fused_linear_ignores_autocast():
+    torch.manual_seed(0)
+    h, w = torch.randn(9, 16), torch.randn(40, 16)
+    ht, wt = torch.randn(9, 12), torch.randn(40, 12)
+    plain = pykd.fused_linear_kd_loss(h, w, ht, wt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = pykd.fused_linear_kd_loss(h, w, ht, wt)
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+
+
+# --- user-built captures are checked before they reach a kernel
+
+
+def _topk_capture(probs, idx, N_k=6):
+    B, H, N, K = probs.shape
+    return pykd.AttentionCapture("topk", torch.zeros(B, H, N), False, N_k, 1.0, probs=probs, indices=idx)
+
+
+def _student(N=3, N_k=6):
+    return torch.randn(1, 1, N, 4), torch.randn(1, 1, N_k, 4), torch.randn(1, 1, N_k, 4)
+
+
+@pytest.mark.parametrize(
+    "probs,idx,match",
+    [
+        ([0.5, 0.3], [1, 1], "distinct"),  # a key counted twice: a negative KL
+        ([-0.1, 0.3], [0, 1], "probabilities"),
+        ([float("nan"), 0.3], [0, 1], "probabilities"),
+        ([0.8, 0.7], [0, 1], "probabilities"),  # sums above 1
+    ],
+)
+def test_bad_topk_capture(probs, idx, match):
+    p = torch.tensor(probs).expand(1, 1, 3, 2).contiguous()
+    i = torch.tensor(idx).expand(1, 1, 3, 2).contiguous()
+    with pytest.raises(ValueError, match=match):
+        pykd.attention_kd(*_student(), teacher=_topk_capture(p, i))
+
+
+def test_topk_capture_zero_probability_entries_may_repeat():
+    p = torch.tensor([0.6, 0.0, 0.0]).expand(1, 1, 3, 3).contiguous()
+    i = torch.tensor([2, 0, 0]).expand(1, 1, 3, 3).contiguous()
+    _, loss = pykd.attention_kd(*_student(), teacher=_topk_capture(p, i))
+    assert torch.isfinite(loss)
+
+
+def test_unknown_capture_kind_and_empty_uint8_rows():
+    cap = _topk_capture(torch.full((1, 1, 3, 2), 0.4), torch.tensor([0, 1]).expand(1, 1, 3, 2).contiguous())
+    cap = dataclasses.replace(cap, kind="top-k")
+    with pytest.raises(ValueError, match="teacher.kind"):
+        pykd.attention_kd(*_student(), teacher=cap)
+    codes = torch.randint(1, 256, (1, 1, 3, 6), dtype=torch.uint8)
+    codes[0, 0, 1] = 0  # a row that sees keys but holds no probability
+    cap = pykd.AttentionCapture("uint8", torch.zeros(1, 1, 3), False, 6, 1.0, codes=codes)
+    with pytest.raises(ValueError, match="nonzero code"):
+        pykd.attention_kd(*_student(), teacher=cap)
+
+
+def test_uint8_capture_without_keys():
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4)
+    out, cap = pykd.attention(q, k, v, capture="uint8")
+    assert cap.codes.shape == (1, 1, 3, 0) and torch.equal(out, torch.zeros(1, 1, 3, 4))
+
+
+def test_meta_tensors_with_a_capture():
+    """Shape inference on the meta device never reads values (no .item() on a meta tensor)."""
+    q, k, v = (torch.empty(1, 2, 5, 8, device="meta") for _ in range(3))
+    cap = pykd.AttentionCapture("topk", torch.empty(1, 2, 5, device="meta"), False, 5, 1.0,
+                                probs=torch.empty(1, 2, 5, 3, device="meta"),
+                                indices=torch.empty(1, 2, 5, 3, dtype=torch.long, device="meta"))  # fmt: skip
+    out, loss = pykd.attention_kd(q, k, v, teacher=cap)
+    assert out.shape == (1, 2, 5, 8) and out.device.type == "meta" and loss.shape == ()
