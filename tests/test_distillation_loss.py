@@ -90,7 +90,7 @@ def test_weighted_total_and_parts():
 @pytest.mark.parametrize(
     "ctor,call,match",
     [
-        (dict(logit_weight=-1.0), {}, "logit_weight must be a number >= 0"),
+        (dict(logit_weight=-1.0), {}, "logit_weight must be a finite number in \\[0.0, inf\\]"),
         (dict(hidden_loss="l1"), {}, "hidden_loss must be one of"),
         (dict(kd_options=dict(divergence="kld")), {}, "divergence"),
         (dict(student_hidden_size=4), {}, "give both"),
