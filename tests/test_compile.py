@@ -16,6 +16,20 @@ import pykd
 LAYOUTS = ("contiguous", "transposed", "expanded", "sliced")
 
 
+@pytest.fixture(autouse=True)
+def no_compile_caches():
+    """Compile afresh: a graph cached from another version of pykd's fake kernels would hide a
+    stride mismatch (the caches key on the graph, not on the fake kernels' code)."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        yield
+
+
 def view(base: torch.Tensor, layout: str, shape) -> torch.Tensor:
     """A tensor of `shape` in `layout`, as a differentiable view of a leaf `base` (made by leaf())."""
     if layout == "transposed":
@@ -148,3 +162,43 @@ def test_compile_inductor(name):
 
     torch._dynamo.reset()
     check(Backend("cpp"), name, "transposed", False, compiler="inductor")
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_kd"])
+def test_inductor_one_transposed_input_for_q_k_v(op):
+    """Hugging Face's pattern: q, k and v are views of one transposed tensor. Inductor then hands
+    the backward op a non-contiguous q and checks its outputs against the fake kernel's strides."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 2, 16, requires_grad=True)
+    qt, kt = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+
+    def f(x):
+        y = x.transpose(1, 2)
+        if op == "attention":
+            return pykd.attention(y, y, y).sum()
+        out, loss = pykd.attention_kd(y, y, y, qt, kt)
+        return out.sum() + loss
+
+    xa, xb = x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    a = torch.compile(f, fullgraph=True)(xa)
+    a.backward()
+    b = f(xb)
+    b.backward()
+    assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_non_contiguous_inputs():
+    """The custom ops themselves, called with transposed (non-contiguous) tensors: schema, fake
+    kernel (strides included), autograd registration and dispatch all agree."""
+    ops = torch.ops.pykd
+    q, k, v = (torch.randn(2, 9, 3, 16).transpose(1, 2).requires_grad_() for _ in range(3))  # HF layout
+    assert not q.is_contiguous()
+    qt, kt = torch.randn(2, 9, 3, 8).transpose(1, 2), torch.randn(2, 9, 3, 8).transpose(1, 2)
+    args = (q, k, v, qt, kt, None, None, "kl", True, 0.25, 0.35, 2.0)
+    torch.library.opcheck(ops.attention_kd_fwd.default, args)
+    s = torch.randn(17, 5).t().requires_grad_()  # (5, 17), column-major
+    t = torch.randn(17, 5).t()
+    torch.library.opcheck(
+        ops.kd_loss_fwd.default, (s, t, None, None, "kl", 2.0, 1.0, 0.5, -100, True, "mean", True)
+    )
