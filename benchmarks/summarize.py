@@ -160,7 +160,7 @@ def distill_table() -> str:
         "",
         f"{r['steps']} steps of {r['batch_size']} sentences in {r['train_seconds']:.0f} s "
         f"({r['tokens_per_s']:.0f} tokens/s), peak memory {r['peak_mem_mb']:.0f} MB above the models; "
-        f"{r['device']} `{r['machine']}`, commit `{r['commit']}`, {r['date']} "
+        f"`{r['machine']}`, commit `{r['commit']}`, {r['date']} "
         f"(`benchmarks/results/{DISTILL_REPORT}`).",
     ])  # fmt: skip
 
