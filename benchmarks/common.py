@@ -272,7 +272,8 @@ class Recorder:
         return path, plot(self.rows, os.path.join(out_dir, f"{stem}.png"), baseline=baseline, target=target)
 
 
-def _panel_key(panel: tuple[str, str]):
+def panel_key(panel: tuple[str, str]):
+    """Order of (metric, mode) panels and tables: time fwd, bwd, full, then the other metrics."""
     metric, mode = panel
     order = PANEL_ORDER.index(mode) if mode in PANEL_ORDER else len(PANEL_ORDER)
     return (metric != "time", metric, order, mode)
@@ -320,7 +321,7 @@ def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str 
     except ImportError:
         print("matplotlib not installed (pip install pykd[bench]); no PNG written")
         return None
-    panels = sorted({(r["metric"], r["mode"]) for r in rows}, key=_panel_key)
+    panels = sorted({(r["metric"], r["mode"]) for r in rows}, key=panel_key)
     base = pick_baseline({r["provider"] for r in rows} - {target}, baseline)
     rat = ratios(rows, base, target) if base else {}
     n = len(panels) + bool(rat)
@@ -355,7 +356,7 @@ def plot(rows: list[dict], path: str, baseline=BASELINES, target="pykd") -> str 
         ax.legend(fontsize=8)
     if rat:
         ax = axes[0][-1]
-        for (metric, mode), pts in sorted(rat.items(), key=lambda kv: _panel_key(kv[0])):
+        for (metric, mode), pts in sorted(rat.items(), key=lambda kv: panel_key(kv[0])):
             xs, ys = zip(*pts)
             label = f"memory saving ({mode})" if metric == "memory" else f"speed-up {mode}"
             ax.plot(xs, ys, marker="o", linestyle="--" if metric == "memory" else "-", label=label)

@@ -16,6 +16,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # run as a script: the plot and its panel order are common.py's
+from common import panel_key, plot  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(os.path.dirname(HERE), "README.md")
 MARKERS = {
@@ -93,12 +96,6 @@ def headline_table() -> str:
     return "\n".join(out)
 
 
-def _table_key(key: tuple[str, str]):
-    metric, mode = key
-    order = list(MODE_NAMES)
-    return (metric != "time", metric, order.index(mode) if mode in order else len(order), mode)
-
-
 def results_readme() -> str:
     """Every CSV: one table per (metric, mode), a column per provider."""
     lines = [
@@ -121,7 +118,7 @@ def results_readme() -> str:
         lines += [f"## `{rel}`", "",
                   f"{r0['op']} on `{r0['device']}`, {r0['dtype']}, commit {', '.join(commits)}, "
                   f"{', '.join(dates)}", ""]  # fmt: skip
-        keys = sorted({(r["metric"], r["mode"]) for r in rows}, key=_table_key)
+        keys = sorted({(r["metric"], r["mode"]) for r in rows}, key=panel_key)
         for metric, mode in keys:
             sel = [r for r in rows if (r["metric"], r["mode"]) == (metric, mode)]
             provs = sorted({r["provider"] for r in sel}, key=lambda p: (p != "pykd", p))
@@ -220,9 +217,6 @@ PLOT_RATIOS = {"sparse_quant": dict(baseline=("sdpa", "dense"), target="sparse")
 
 
 def redraw_plots() -> None:
-    sys.path.insert(0, HERE)
-    from common import plot  # noqa: PLC0415  (imports torch: only here)
-
     for path in sorted(glob.glob(os.path.join(RESULTS, "*", "*.csv"))):
         rows = read(path)
         if rows and "provider" in rows[0]:

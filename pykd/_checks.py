@@ -18,6 +18,11 @@ def tensor(name: str, x, *, float_dtype: bool = False) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+def inspectable(x: torch.Tensor) -> bool:
+    """Whether a tensor's values can be checked: not while tracing, not on the meta device."""
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
+
+
 def same_device(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     devs = {x.device for x in xs}
     if len(devs) > 1:

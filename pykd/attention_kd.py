@@ -298,7 +298,7 @@ def _teacher_capture(teacher, q_t, k_t, scale_t, q_s, k_s, causal, divergence, t
                 f'a "uint8" teacher capture distills divergence "kl" or "mse" (its 0 codes have no log), '
                 f"got {divergence!r}"
             )
-        if _inspectable(codes) and codes.numel():
+        if _checks.inspectable(codes) and codes.numel():
             empty = (codes.amax(-1) == 0) & (lse != float("inf"))  # sees keys, yet all its codes are 0
             if bool(empty.any()):
                 rows = empty.nonzero()[:3].tolist()
@@ -329,7 +329,7 @@ def _check_topk_capture(cap, lse_shape, N_k) -> None:
         )
     if probs.device != cap.lse.device or idx.device != cap.lse.device:
         raise ValueError(f'a "topk" capture\'s probs and indices must be on {cap.lse.device}')
-    if _inspectable(idx) and idx.numel():
+    if _checks.inspectable(idx) and idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= N_k:
             bad = lo if lo < 0 else hi
@@ -345,11 +345,6 @@ def _check_topk_capture(cap, lse_shape, N_k) -> None:
         srt = keyed.sort(-1).values
         if bool((srt[..., 1:] == srt[..., :-1]).any()):
             raise ValueError('a "topk" capture\'s indices must be distinct within a row (where probs > 0)')
-
-
-def _inspectable(x: torch.Tensor) -> bool:
-    """Whether a tensor's values can be checked: not while tracing, not on the meta device."""
-    return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
 def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask, scale_s, scale_t,

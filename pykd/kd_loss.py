@@ -183,9 +183,8 @@ def row_loss_options(
                 )
             num_items = num_items_in_batch.detach()
             # its value costs a host sync on a GPU: checked on CPU, and on a GPU under set_debug
-            if num_items.device.type == "cpu" or (_backend.debug() and num_items.device.type != "meta"):
-                if not torch.compiler.is_compiling():
-                    _check_num_items(float(num_items.float()))
+            if _checks.inspectable(num_items) and (num_items.device.type == "cpu" or _backend.debug()):
+                _check_num_items(float(num_items.float()))
         else:
             n = _checks.real("num_items_in_batch", num_items_in_batch)
             num_items = torch.tensor(n, dtype=torch.float32)
@@ -195,7 +194,7 @@ def row_loss_options(
                 f"num_items_in_batch must be on {device} or a CPU scalar, got {num_items.device}"
             )
     _checks.same_device(names, tensors)
-    if target is not None and _backend.debug() and not torch.compiler.is_compiling():
+    if target is not None and _backend.debug() and _checks.inspectable(target):
         _check_target_range(target, V, ignore_index)  # C++ checks CPU targets itself
     _backend.require_cpp()
     return temperature, alpha, ignore_index, num_items
