@@ -21,6 +21,12 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return t;
 }
 
+// A (rows, V) input as the row kernels read it: in place when the vocabulary is contiguous (any row
+// stride, e.g. a slice logits[:, :V] or logits[:n]); otherwise one contiguous copy.
+inline at::Tensor unit_stride_rows(const at::Tensor& x) {
+  return x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous();
+}
+
 enum class Divergence { kKL, kReverseKL, kSoftCE, kJSD, kTVD, kMSE };
 enum class Reduction { kMean, kSum, kNone };
 

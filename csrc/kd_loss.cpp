@@ -29,6 +29,7 @@ namespace {
 
 struct RowParams {
   int64_t V;
+  int64_t stride_s, stride_t;  // row strides: rows are read in place, the vocabulary contiguous
   float inv_t;
   float alpha_w;  // alpha * (T^2 or 1)
   float one_minus_alpha;
@@ -172,7 +173,7 @@ void kd_rows(const S* s, const T* t, S* g, const int64_t* target, int64_t R, int
         if (gr) std::fill(gr, gr + V, static_cast<S>(0.f));
         continue;
       }
-      kd_row<D, NEED_H, S, T>(s + r * V, t + r * V, gr, y, P, soft + r, hard + r);
+      kd_row<D, NEED_H, S, T>(s + r * P.stride_s, t + r * P.stride_t, gr, y, P, soft + r, hard + r);
     }
   });
 }
@@ -212,9 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
               "pykd::kd_loss_fwd: student and teacher must be (rows, V) of one shape");
   const Divergence div = parse_divergence(std::string(divergence));
   const Reduction red = parse_reduction(std::string(reduction));
-  const auto s = student.contiguous();
+  const auto s = unit_stride_rows(student);
   // Mixed dtypes: a teacher that is not the student's dtype is read as fp32 (exact for fp16/bf16).
-  auto t = teacher.scalar_type() == s.scalar_type() ? teacher.contiguous()
+  auto t = teacher.scalar_type() == s.scalar_type() ? unit_stride_rows(teacher)
                                                     : teacher.to(at::kFloat).contiguous();
   const int64_t R = s.size(0), V = s.size(1);
   at::Tensor tgt;
@@ -228,6 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
 
   RowParams P;
   P.V = V;
+  P.stride_s = s.stride(0);
+  P.stride_t = t.stride(0);
   P.inv_t = static_cast<float>(1.0 / temperature);
   const double w = (div == Divergence::kMSE || !scale_by_t2) ? 1.0 : temperature * temperature;
   P.alpha_w = static_cast<float>(alpha * w);

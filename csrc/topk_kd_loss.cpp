@@ -31,6 +31,7 @@ namespace {
 
 struct TopkParams {
   int64_t V, K;
+  int64_t stride_s;  // the student's row stride: rows are read in place, the vocabulary contiguous
   float inv_t;
   float alpha_w;  // alpha * (T^2 or 1)
   float one_minus_alpha;
@@ -98,7 +99,9 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
   // `mass` is the teacher's total, sum_k p_k + P: the gradient's q coefficient. It is 1 but where
   // there is no tail bucket for a top-K mass below 1 (K = V, or no student mass outside K) or the
   // given probabilities sum above 1.
-  float lp_shift = 0.f, p_tail = 0.f, mass = 1.f;
+  // tail=False renormalizes as (lp - lp_max) - lp_log_l: lp - (lp_max + log l) would absorb log l
+  // when |lp| is huge (e.g. -1e30 in fp32).
+  float lp_max = 0.f, lp_log_l = 0.f, p_tail = 0.f, mass = 1.f;
   if constexpr (TAIL) {
     float sum_p = 0.f;
     for (int64_t k = 0; k < K; ++k) sum_p += std::exp(lp[k]);
@@ -110,11 +113,12 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
     for (int64_t k = 0; k < K; ++k) m = std::max(m, lp[k]);
     float l = 0.f;
     for (int64_t k = 0; k < K; ++k) l += std::exp(lp[k] - m);
-    lp_shift = m + std::log(l);
+    lp_max = m;
+    lp_log_l = std::log(l);
   }
   float soft = 0.f;
   for (int64_t k = 0; k < K; ++k) {
-    const float lpk = lp[k] - lp_shift;
+    const float lpk = (lp[k] - lp_max) - lp_log_l;
     if (lpk != -kInf) soft += std::exp(lpk) * (lpk - zk[k] + lse);
   }
   if (TAIL && p_tail > 0.f) soft += p_tail * (std::log(p_tail) - lse_out + lse);
@@ -145,7 +149,7 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
   for (int64_t k = 0; k < K; ++k) {
     const float sk = static_cast<float>(s[idx[k]]);
     const float ph = NEED_H ? std::exp(sk - lse_h) : std::exp(zk[k] - lse);
-    const float d = mass * std::exp(zk[k] - lse) - std::exp(lp[k] - lp_shift);
+    const float d = mass * std::exp(zk[k] - lse) - std::exp((lp[k] - lp_max) - lp_log_l);
     g[idx[k]] = static_cast<S>(cs * d + ch * ph - (idx[k] == y ? ch : 0.f));
   }
 }
@@ -165,7 +169,7 @@ void topk_rows(const S* s, const float* lp, const int64_t* idx, S* g, const int6
         if (gr) std::fill(gr, gr + V, static_cast<S>(0.f));
         continue;
       }
-      topk_row<TAIL, NEED_H, S>(s + r * V, lp + r * K, idx + r * K, gr, y, P, mask.data(), zk.data(),
+      topk_row<TAIL, NEED_H, S>(s + r * P.stride_s, lp + r * K, idx + r * K, gr, y, P, mask.data(), zk.data(),
                                 soft + r, hard + r);
     }
   });
@@ -195,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
               "pykd::topk_kd_loss_fwd: student (rows, V), topk_logprobs and topk_indices (rows, K)");
   TORCH_CHECK(topk_indices.scalar_type() == at::kLong, "pykd::topk_kd_loss_fwd: indices must be int64");
   const Reduction red = parse_reduction(std::string(reduction));
-  const auto s = student.contiguous();
+  const auto s = unit_stride_rows(student);
   const auto lp = topk_logprobs.to(at::kFloat).contiguous();
   const auto ix = topk_indices.contiguous();
   const int64_t R = s.size(0), V = s.size(1), K = lp.size(1);
@@ -222,6 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
 
   TopkParams P;
   P.V = V;
+  P.stride_s = s.stride(0);
   P.K = K;
   P.inv_t = static_cast<float>(1.0 / temperature);
   P.alpha_w = static_cast<float>(alpha * (scale_by_t2 ? temperature * temperature : 1.0));

@@ -111,7 +111,8 @@ def _topk_kd_loss_kernel(
                     l_h = l_h * tl.exp(m_h - mh_safe) + tl.sum(tl.exp(sr - mh_safe))
                     m_h = mh_new
             lse_out = m + tl.log(l)  # the whole row's lse when not TAIL; -inf for an empty tail
-            lp_shift = 0.0
+            lp_max = 0.0  # tail=False renormalizes as (lp - lp_max) - lp_log_l: lp_max + log l
+            lp_log_l = 0.0  # would absorb log l when |lp| is huge (e.g. -1e30 in fp32)
             p_tail = 0.0
             mass = 1.0  # the teacher's total sum_k p_k + P: the gradient's q coefficient
             if TAIL:
@@ -127,9 +128,9 @@ def _topk_kd_loss_kernel(
                 mass = sum_p + p_tail
             else:
                 lse = lse_out
-                m_p = tl.max(lpk)
-                lp_shift = m_p + tl.log(tl.sum(tl.exp(lpk - m_p)))
-            lpn = lpk - lp_shift
+                lp_max = tl.max(lpk)
+                lp_log_l = tl.log(tl.sum(tl.exp(lpk - lp_max)))
+            lpn = (lpk - lp_max) - lp_log_l
             soft = tl.sum(tl.where(lpn > NEG_INF, tl.exp(lpn) * (lpn - zk + lse), 0.0))
             if TAIL:
                 p_safe = tl.where(p_tail > 0.0, p_tail, 1.0)

@@ -1,4 +1,5 @@
-"""The ``pykd`` command: ``pykd distill`` (the main job), ``pykd bench [op ...]`` and ``pykd info``."""
+"""The ``pykd`` command: ``pykd distill`` (the main job), ``pykd cache-teacher`` and ``pykd distill-lm``
+(LLM distillation, :mod:`pykd.llm`), ``pykd bench [op ...]`` and ``pykd info``."""
 
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
     from .distill import add_arguments  # noqa: PLC0415
 
     add_arguments(d)
+    from .llm import add_cache_teacher_arguments, add_distill_lm_arguments  # noqa: PLC0415
+
+    c = sub.add_parser("cache-teacher", help="cache a causal LM teacher's top-k log-probs")
+    add_cache_teacher_arguments(c)
+    lm = sub.add_parser("distill-lm", help="distill a causal LM teacher into a student")
+    add_distill_lm_arguments(lm)
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = []
     if argv[:1] == ["bench"]:
@@ -67,6 +74,13 @@ def main(argv=None) -> int:
         from .distill import run  # noqa: PLC0415
 
         run(args)
+        return 0
+    if args.cmd in ("cache-teacher", "distill-lm"):
+        if more:
+            p.error(f"unrecognized arguments: {' '.join(more)}")
+        from . import llm  # noqa: PLC0415
+
+        (llm.cache_teacher if args.cmd == "cache-teacher" else llm.distill_lm)(args)
         return 0
     if args.cmd == "info":
         for k, v in info().items():

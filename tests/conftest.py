@@ -75,6 +75,7 @@ from pykd import _backend  # noqa: E402
 settings.register_profile(
     "pykd",
     deadline=None,
+    max_examples=100 * int(os.environ.get("PYKD_EXAMPLES_SCALE", "1")),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=os.environ.get("CI", "") != "",  # CI reproducible; local runs explore
     print_blob=True,

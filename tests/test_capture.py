@@ -8,10 +8,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_kd import cancel_scale, check_compiled, compare, make, ref, run
+from test_attention_kd import cancel_scale, check_compiled, compare, delta_rounding, make, ref, run
 
 import pykd
 from pykd import reference
@@ -118,10 +118,13 @@ def check_topk(backend, q, k, v, cap, *, dtype=F32, **kw):
         t16 = dict(probs=cap.probs.cpu().to(dtype), indices=cap.indices.long().cpu())
         base = ref(rfn, q.cpu(), k.cpu(), v.cpu() if v is not None else None,
                    go=go.cpu(), dtype=dtype, **t16, **cpu)  # fmt: skip
-    scales = {"loss": 10.0}
+    scales, extra = {"loss": 10.0}, None
     if v is not None:
         u = cancel_scale(q, k, v, go)
         scales.update(dq=u, dk=u)
+        if dtype != F32:
+            extra = delta_rounding(q, k, v, go, kw.get("key_padding_mask"), kw.get("causal", False),
+                                   kw.get("scale_s"), dtype)  # fmt: skip
     # TOL's fp32 atol holds for scores up to ~8; an fp32 score of size s_max is exact only to
     # s_max 2^-24, so each probability to ~s_max ulps: sharper maps scale atol by s_max / 8.
     kr = k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
@@ -131,7 +134,7 @@ def check_topk(backend, q, k, v, cap, *, dtype=F32, **kw):
             x = e[i] if i < 2 else e[2][i - 2]
             if x is not None:
                 scales[name] = s_max / 8.0 * max(scales.get(name) or 0.0, x.abs().max().item())
-    compare(a, e, dtype, scales, base)
+    compare(a, e, dtype, scales, base, extra)
     return a
 
 
@@ -174,7 +177,7 @@ def test_rows_that_count_and_poison(backend, monkeypatch):
     assert (a[0][1] == 0).all() and all((g[1] == 0).all() for g in a[2])
 
 
-@settings(max_examples=12)  # each example runs the kernels twice in the interpreter
+@settings(max_examples=examples(12))  # each example runs the kernels twice in the interpreter
 @given(
     B=st.integers(1, 2),
     Hkv=st.integers(1, 2),

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, grad_of
 
 import pykd
 from pykd import reference
@@ -217,3 +217,64 @@ def test_meta_tensors_with_a_capture():
                                 indices=torch.empty(1, 2, 5, 3, dtype=torch.long, device="meta"))  # fmt: skip
     out, loss = pykd.attention_kd(q, k, v, teacher=cap)
     assert out.shape == (1, 2, 5, 8) and out.device.type == "meta" and loss.shape == ()
+
+
+# --- item 7 of issue 15: tail=False renormalizes the teacher without absorbing log(sum) into a huge lp
+
+
+def test_topk_renormalization_at_huge_logprobs(backend):
+    V, K = 40, 6
+    s = torch.randn(4, V)
+    idx = torch.stack([torch.randperm(V)[:K] for _ in range(4)])
+    lp = torch.log_softmax(torch.randn(4, K), -1)
+    lp[0] = -1e30  # all equal: the renormalized teacher is uniform, as float64 says
+    lp[1] = torch.tensor([-1e30, -1e30, -1e30, -2e30, -3e30, -1e30])
+    lp[2] = lp[2] - 1e4  # a constant shift changes nothing after renormalization
+    with backend():
+        (got, got_g) = grad_of(lambda x: pykd.topk_kd_loss(x, lp, idx, tail=False, reduction="none"), s)
+    want, want_g = grad_of(
+        lambda x: reference.topk_kd_loss(x, lp.double(), idx, tail=False, reduction="none"), s.double()
+    )
+    assert_close(got, want, dtype=torch.float32, name="loss")
+    assert_close(got_g, want_g, dtype=torch.float32, name="grad")
+
+
+# --- item 8 of issue 15: which logits layouts the row losses read in place (docs/robustness.md)
+
+_LAYOUTS = {  # name: (make (R, V) logits, read in place?)
+    "contiguous": (lambda R, V: torch.randn(R, V), True),
+    "row slice": (lambda R, V: torch.randn(R, V + 5)[:, :V], True),
+    "expanded rows": (lambda R, V: torch.randn(1, V).expand(R, V), True),
+    "transposed": (lambda R, V: torch.randn(V, R).t(), False),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("op", ["kd_loss", "topk_kd_loss"])
+def test_logits_layouts(backend, op, layout):
+    """Each layout gives the reference's values and gradients; unit-stride vocabularies are read in
+    place (no aten::clone of the logits), others are copied once (peak 2x one logits tensor)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    R, V = 6, 37
+    make, in_place = _LAYOUTS[layout]
+    s = make(R, V).requires_grad_(True)
+    t = make(R, V)
+    lp, idx = torch.log_softmax(torch.randn(R, V), -1).topk(5, -1)
+    if op == "kd_loss":
+        f = lambda x, T, **o: pykd.kd_loss(x, T, **o)  # noqa: E731
+        ref = lambda x, T: reference.kd_loss(x, T.double(), reduction="none")  # noqa: E731
+    else:
+        f = lambda x, T, **o: pykd.topk_kd_loss(x, lp, idx, **o)  # noqa: E731
+        ref = lambda x, T: reference.topk_kd_loss(x, lp.double(), idx, reduction="none")  # noqa: E731
+    with backend(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = f(s, t, reduction="none")
+    copies = [e for e in prof.events() if e.name == "aten::clone"]
+    assert (not copies) == in_place, [e.name for e in copies]
+    with backend():
+        got.sum().backward()
+    leaf = s.detach().double().requires_grad_(True)
+    want = ref(leaf, t)
+    want.sum().backward()
+    assert_close(got, want, dtype=torch.float32, name="loss")
+    assert_close(s.grad, leaf.grad, dtype=torch.float32, name="grad")

@@ -368,3 +368,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) -> (B, N, H*D): a layer's heads side by side, as MiniLMv2 relations split them."""
     B, H, N, D = x.shape
     return x.transpose(1, 2).reshape(B, N, H * D)
+
+
+def __getattr__(name):
+    # the Trainer classes import transformers.Trainer (and accelerate): loaded on first use
+    if name in ("DistillationConfig", "DistillationTrainer"):
+        from . import trainer  # noqa: PLC0415
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""LLM distillation with Hugging Face's ``Trainer``: :class:`DistillationConfig` and
+:class:`DistillationTrainer` (re-exported by :mod:`pykd.integrations.transformers`).
+
+The student's loss comes from its final hidden states and lm_head weight through
+:func:`pykd.fused_linear_kd_loss` (online teacher: the teacher's hidden states and lm_head too) or
+:func:`pykd.fused_linear_topk_kd_loss` (offline: a :class:`pykd.data.TeacherCache`'s top-k), so no
+(tokens x vocabulary) logits are materialized for either model. The models still run through their
+own (wrapped) forward, so DDP's hooks see every step: :class:`LMHeadTap` hands the lm_head zero rows
+and keeps the hidden states it was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import fused_linear_kd_loss, fused_linear_topk_kd_loss
+from ..data import TeacherCache, collate
+
+try:
+    from transformers import Trainer, TrainingArguments
+except ImportError as e:  # pragma: no cover - transformers is a listed dependency
+    raise ImportError("pykd's DistillationTrainer needs transformers and accelerate") from e
+
+_DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd")
+
+
+def check_lm_head(model, who: str):
+    """The lm_head of a causal LM whose logits are exactly hidden @ W.T (+ b); refuses models that
+    post-process their logits (soft-capping, scaling), which pykd's fused losses would not see."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{who} must be a causal LM whose get_output_embeddings() is an nn.Linear lm_head")
+    cfg = getattr(model, "config", None)
+    for name, neutral in (
+        ("final_logit_softcapping", None),
+        ("logit_scale", 1.0),
+        ("logit_softcapping", None),
+    ):
+        v = getattr(cfg, name, neutral)
+        if v is not None and v != neutral:
+            raise ValueError(
+                f"{who}'s config sets {name}={v}: its logits are not hidden @ lm_head.T, and pykd's fused "
+                "losses do not apply logit soft-capping or scaling yet"
+            )
+    return head
+
+
+class LMHeadTap:
+    """Within ``with LMHeadTap(head) as tap: model(...)``, ``head`` (an lm_head nn.Linear) is handed
+    zero rows, so the model computes no logits, and ``tap.hidden`` holds the (B, T, H) hidden states
+    it was given (with their autograd graph)."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.head, self.hidden, self._handle = head, None, None
+
+    def _pre(self, module, args):
+        self.hidden = args[0]
+        return (args[0][..., :0, :],)
+
+    def __enter__(self):
+        self.hidden = None
+        self._handle = self.head.register_forward_pre_hook(self._pre)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def shift_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, T) labels as a causal LM takes them -> (B * T,) targets of each position's logits: the
+    next position's label, ``ignore_index`` at the last position."""
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], 1).reshape(-1)
+
+
+@dataclasses.dataclass
+class DistillationConfig(TrainingArguments):
+    """``TrainingArguments`` plus the distillation loss's options (as :func:`pykd.kd_loss`'s)."""
+
+    kd_divergence: str = dataclasses.field(
+        default="kl", metadata={"help": "kl | reverse_kl | soft_ce | jsd | tvd (offline caches: kl)"}
+    )
+    kd_temperature: float = dataclasses.field(default=1.0, metadata={"help": "distillation temperature"})
+    kd_alpha: float = dataclasses.field(
+        default=0.5, metadata={"help": "weight of the soft (KD) term; 1 - alpha weighs the hard CE"}
+    )
+    kd_beta: float = dataclasses.field(default=0.5, metadata={"help": "jsd mixture weight"})
+    kd_tail: bool = dataclasses.field(
+        default=True, metadata={"help": "offline top-k teacher: add the tail bucket (pykd.topk_kd_loss)"}
+    )
+    # the batches' teacher_topk_* columns are not arguments of the model's forward: keep them
+    remove_unused_columns: bool = False
+    kd_chunk_size: int | None = dataclasses.field(
+        default=None, metadata={"help": "rows per fused-linear chunk (default: the op's)"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kd_divergence not in _DIVERGENCES:
+            raise ValueError(
+                f"kd_divergence must be one of {', '.join(_DIVERGENCES)}, got {self.kd_divergence!r}"
+            )
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
+            raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature}")
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss is logit distillation from a teacher, fused with the
+    hard next-token CE: ``kd_alpha * T^2 * KD + (1 - kd_alpha) * CE`` per counted token.
+
+    Online: ``DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(...),
+    train_dataset=...)``; the teacher runs under ``no_grad`` on the same batch; the two must share the
+    tokenizer and vocabulary. Offline: a train dataset of :class:`pykd.data.TeacherCache` items
+    (``teacher_topk_logprobs`` / ``teacher_topk_indices`` in each batch) and no teacher model; the
+    cache's log-probs must be at ``kd_temperature`` (``meta["temperature"]``).
+
+    Batches carry ``input_ids``, ``attention_mask`` and ``labels`` as for a causal LM (labels are
+    shifted here; :func:`pykd.data.collate` is the default collator). The loss is a mean over the
+    counted tokens of the whole accumulated batch (``num_items_in_batch``), so gradient accumulation
+    and DDP give the gradient of one large batch. ``kd_loss`` and ``ce_loss`` (means over logged
+    steps) are logged beside ``loss``. FSDP is not supported yet (the lm_head weight is read outside
+    its module's forward).
+    """
+
+    def __init__(self, model=None, args=None, *, teacher_model=None, data_collator=None, train_dataset=None,
+                 **kwargs):  # fmt: skip
+        if args is not None and not isinstance(args, DistillationConfig):
+            raise TypeError(f"args must be a pykd DistillationConfig, got {type(args).__name__}")
+        offline = isinstance(train_dataset, TeacherCache)
+        if teacher_model is None and not offline:
+            raise ValueError(
+                "DistillationTrainer needs teacher_model= (online) or a pykd.data.TeacherCache "
+                "train_dataset (offline)"
+            )
+        if teacher_model is not None and offline:
+            raise ValueError("pass teacher_model= or a TeacherCache train_dataset, not both")
+        super().__init__(model=model, args=args, data_collator=data_collator or collate,
+                         train_dataset=train_dataset, **kwargs)  # fmt: skip
+        self.teacher_model = teacher_model
+        s_head = check_lm_head(self.model, "model")
+        if teacher_model is not None:
+            t_head = check_lm_head(teacher_model, "teacher_model")
+            if t_head.out_features != s_head.out_features:
+                raise ValueError(
+                    f"teacher_model's vocabulary ({t_head.out_features}) differs from the student's "
+                    f"({s_head.out_features}); pykd's logit losses need one vocabulary"
+                )
+            teacher_model.requires_grad_(False).eval()
+            teacher_model.to(self.args.device)
+        else:
+            cache = train_dataset
+            cache.check(tokenizer=self.processing_class, vocab_size=s_head.out_features)
+            t = cache.meta.get("temperature")
+            if t is not None and abs(t - self.args.kd_temperature) > 1e-6 * t:
+                raise ValueError(
+                    f"the teacher cache holds log-probs at temperature {t}, not kd_temperature="
+                    f"{self.args.kd_temperature}"
+                )
+            if self.args.kd_divergence != "kl":
+                raise ValueError("an offline (top-k) teacher supports kd_divergence='kl' only")
+        # The loss is normalized by the accumulated batch's token count: Trainer must neither divide
+        # it by the accumulation steps nor count tokens over unshifted labels.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._loss_shifts_labels = True
+        self._kd_sums = {"kd_loss": 0.0, "ce_loss": 0.0, "n": 0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        lp = inputs.pop("teacher_topk_logprobs", None)
+        idx = inputs.pop("teacher_topk_indices", None)
+        if (lp is None) == (self.teacher_model is None):
+            raise ValueError(
+                "a batch must carry teacher_topk_logprobs/indices exactly when there is no teacher_model"
+            )
+        target = shift_targets(labels)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with LMHeadTap(head) as tap:
+            outputs = model(**inputs)
+        h_s = tap.hidden.reshape(-1, tap.hidden.shape[-1])
+        common = dict(temperature=args.kd_temperature, alpha=args.kd_alpha, return_components=True,
+                      num_items_in_batch=num_items_in_batch, student_bias=head.bias)  # fmt: skip
+        if args.kd_chunk_size is not None:
+            common["chunk_size"] = args.kd_chunk_size
+        if self.teacher_model is not None:
+            t_head = self.teacher_model.get_output_embeddings()
+            with torch.no_grad(), LMHeadTap(t_head) as t_tap:
+                self.teacher_model(**inputs)
+            h_t = t_tap.hidden.reshape(-1, t_tap.hidden.shape[-1])
+            loss, kd, ce = fused_linear_kd_loss(
+                h_s, head.weight, h_t, t_head.weight, target, teacher_bias=t_head.bias,
+                divergence=args.kd_divergence, beta=args.kd_beta, **common,
+            )  # fmt: skip
+        else:
+            k = lp.shape[-1]
+            loss, kd, ce = fused_linear_topk_kd_loss(
+                h_s, head.weight, lp.reshape(-1, k), idx.reshape(-1, k), target, tail=args.kd_tail, **common
+            )
+        if args.average_tokens_across_devices and num_items_in_batch is not None and args.world_size > 1:
+            loss = loss * args.world_size  # DDP averages gradients; the token count is global
+        if model.training:  # parts of the accumulated batch's means; summed, read when logging
+            self._kd_sums["kd_loss"] += kd.detach()
+            self._kd_sums["ce_loss"] += ce.detach()
+            self._kd_sums["n"] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        n = self._kd_sums["n"]
+        if n and "loss" in logs:
+            steps = n / self.args.gradient_accumulation_steps  # optimizer steps since the last log
+            logs = {**logs, **{name: float(self._kd_sums[name]) / steps for name in ("kd_loss", "ce_loss")}}
+            self._kd_sums = {"kd_loss": 0.0, "ce_loss": 0.0, "n": 0}
+        return super().log(logs, *args, **kwargs)
