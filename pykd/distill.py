@@ -348,18 +348,23 @@ def run(args) -> dict:
             commit=commit(),
             date=datetime.date.today().isoformat(),
         )
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        student.save_pretrained(args.output_dir)
-        tok.save_pretrained(args.output_dir)
-        width = max(map(len, report))
-        for k, v in report.items():
-            print(f"  {k:<{width}}  {v}")
-        print(f"wrote {os.path.join(args.output_dir, 'report.json')} and the student to {args.output_dir}")
+        save_job(args.output_dir, report, student, tok)
     if dist:
         torch.distributed.destroy_process_group()
     return report
+
+
+def save_job(output_dir: str, report: dict, student, tok) -> None:
+    """Writes report.json and the student (save_pretrained, with its tokenizer); prints the report."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    student.save_pretrained(output_dir)
+    tok.save_pretrained(output_dir)
+    width = max(map(len, report))
+    for k, v in report.items():
+        print(f"  {k:<{width}}  {v}")
+    print(f"wrote {os.path.join(output_dir, 'report.json')} and the student to {output_dir}")
 
 
 def _progress(total, rank):

@@ -287,15 +287,9 @@ def distill_lm(args) -> dict:
         seq_len=args.seq_len, batch_size=args.batch_size, train_seconds=round(elapsed, 1), device=str(device),
         machine=device_name(device), commit=commit(), date=datetime.date.today().isoformat(),
     )  # fmt: skip
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    student.save_pretrained(args.output_dir)
-    tok.save_pretrained(args.output_dir)
-    width = max(map(len, report))
-    for key, v in report.items():
-        print(f"  {key:<{width}}  {v}")
-    print(f"wrote {os.path.join(args.output_dir, 'report.json')} and the student to {args.output_dir}")
+    from .distill import save_job  # noqa: PLC0415
+
+    save_job(args.output_dir, report, student, tok)
     return report
 
 
