@@ -25,7 +25,58 @@ import torch
 from . import data as kd_data
 from . import fused_linear_kd_loss
 from .benchmarks.common import commit, device_name, peak_extra_mb
-from .integrations.trainer import LMHeadTap, check_lm_head, shift_targets
+
+# ------------------------------------------------------------------------------ lm_head
+
+
+def check_lm_head(model, who: str):
+    """The lm_head of a causal LM whose logits are exactly hidden @ W.T (+ b); refuses models that
+    post-process their logits (soft-capping, scaling), which pykd's fused losses would not see."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{who} must be a causal LM whose get_output_embeddings() is an nn.Linear lm_head")
+    cfg = getattr(model, "config", None)
+    for name, neutral in (
+        ("final_logit_softcapping", None),
+        ("logit_scale", 1.0),
+        ("logit_softcapping", None),
+    ):
+        v = getattr(cfg, name, neutral)
+        if v is not None and v != neutral:
+            raise ValueError(
+                f"{who}'s config sets {name}={v}: its logits are not hidden @ lm_head.T, and pykd's fused "
+                "losses do not apply logit soft-capping or scaling yet"
+            )
+    return head
+
+
+class LMHeadTap:
+    """Within ``with LMHeadTap(head) as tap: model(...)``, ``head`` (an lm_head nn.Linear) is handed
+    zero rows, so the model computes no logits, and ``tap.hidden`` holds the (B, T, H) hidden states
+    it was given (with their autograd graph)."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.head, self.hidden, self._handle = head, None, None
+
+    def _pre(self, module, args):
+        self.hidden = args[0]
+        return (args[0][..., :0, :],)
+
+    def __enter__(self):
+        self.hidden = None
+        self._handle = self.head.register_forward_pre_hook(self._pre)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def shift_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, T) labels as a causal LM takes them -> (B * T,) targets of each position's logits: the
+    next position's label, ``ignore_index`` at the last position."""
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], 1).reshape(-1)
+
 
 # ------------------------------------------------------------------------------ data
 

@@ -16,7 +16,7 @@ from helpers import assert_close
 
 from pykd import data as kd_data
 from pykd import reference
-from pykd.integrations.trainer import shift_targets
+from pykd.llm import shift_targets
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -5,7 +5,7 @@ The student's loss comes from its final hidden states and lm_head weight through
 :func:`pykd.fused_linear_kd_loss` (online teacher: the teacher's hidden states and lm_head too) or
 :func:`pykd.fused_linear_topk_kd_loss` (offline: a :class:`pykd.data.TeacherCache`'s top-k), so no
 (tokens x vocabulary) logits are materialized for either model. The models still run through their
-own (wrapped) forward, so DDP's hooks see every step: :class:`LMHeadTap` hands the lm_head zero rows
+own (wrapped) forward, so DDP's hooks see every step: :class:`pykd.llm.LMHeadTap` hands the lm_head zero rows
 and keeps the hidden states it was given.
 """
 
@@ -18,6 +18,7 @@ import torch
 
 from .. import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from ..data import TeacherCache, collate
+from ..llm import LMHeadTap, check_lm_head, shift_targets
 
 try:
     from transformers import Trainer, TrainingArguments
@@ -25,55 +26,6 @@ except ImportError as e:  # pragma: no cover - transformers is a listed dependen
     raise ImportError("pykd's DistillationTrainer needs transformers and accelerate") from e
 
 _DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd")
-
-
-def check_lm_head(model, who: str):
-    """The lm_head of a causal LM whose logits are exactly hidden @ W.T (+ b); refuses models that
-    post-process their logits (soft-capping, scaling), which pykd's fused losses would not see."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{who} must be a causal LM whose get_output_embeddings() is an nn.Linear lm_head")
-    cfg = getattr(model, "config", None)
-    for name, neutral in (
-        ("final_logit_softcapping", None),
-        ("logit_scale", 1.0),
-        ("logit_softcapping", None),
-    ):
-        v = getattr(cfg, name, neutral)
-        if v is not None and v != neutral:
-            raise ValueError(
-                f"{who}'s config sets {name}={v}: its logits are not hidden @ lm_head.T, and pykd's fused "
-                "losses do not apply logit soft-capping or scaling yet"
-            )
-    return head
-
-
-class LMHeadTap:
-    """Within ``with LMHeadTap(head) as tap: model(...)``, ``head`` (an lm_head nn.Linear) is handed
-    zero rows, so the model computes no logits, and ``tap.hidden`` holds the (B, T, H) hidden states
-    it was given (with their autograd graph)."""
-
-    def __init__(self, head: torch.nn.Module):
-        self.head, self.hidden, self._handle = head, None, None
-
-    def _pre(self, module, args):
-        self.hidden = args[0]
-        return (args[0][..., :0, :],)
-
-    def __enter__(self):
-        self.hidden = None
-        self._handle = self.head.register_forward_pre_hook(self._pre)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-
-
-def shift_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(B, T) labels as a causal LM takes them -> (B * T,) targets of each position's logits: the
-    next position's label, ``ignore_index`` at the last position."""
-    pad = torch.full_like(labels[:, :1], ignore_index)
-    return torch.cat([labels[:, 1:], pad], 1).reshape(-1)
 
 
 @dataclasses.dataclass
