@@ -186,7 +186,7 @@ class TeacherCacheWriter:
             raise ValueError(
                 f"topk_indices must be integers of shape {tuple(lp.shape)}, got {ix.dtype} {tuple(ix.shape)}"
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        if int(ids.min()) < 0 or int(ids.max()) >= V:
             raise ValueError(f"input_ids must be in [0, vocab_size={V})")
         if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= V):
             raise ValueError(f"topk_indices must be in [0, vocab_size={V})")
@@ -228,8 +228,10 @@ class TeacherCacheWriter:
         """Writes the buffered sequences and meta.json (also for a cache of 0 sequences)."""
         if self._closed:
             return
-        self._flush()
-        self._write_meta()
+        if self._buf:
+            self._flush()  # writes meta.json
+        else:
+            self._write_meta()
         self._closed = True
 
     def __enter__(self):

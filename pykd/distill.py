@@ -115,20 +115,26 @@ def load_models(teacher_name: str, student_layers: int, attention: str, device):
     cfg.num_hidden_layers = student_layers
     cfg.attention_probs_dropout_prob = 0.0  # pykd attention has no dropout; the same for eager, to compare
     student = AutoModel.from_config(cfg, attn_implementation=impl)
-    # initialize from the teacher: embeddings and evenly spaced layers (first and last included)
-    state = teacher.state_dict()
-    picks = [round(i * (n_t - 1) / max(student_layers - 1, 1)) for i in range(student_layers)]
-    mapped = {}
-    for k, v in state.items():
-        m = re.search(r"layer\.(\d+)\.", k)
-        if m is None:
-            mapped[k] = v
-        elif int(m.group(1)) in picks:
-            mapped[k.replace(m.group(0), f"layer.{picks.index(int(m.group(1)))}.")] = v
-    student.load_state_dict(mapped, strict=False)
+    picks = init_from_layers(student, teacher, n_t, student_layers, "layer")
     if getattr(student, "pooler", None) is not None:
         student.pooler = None  # the objective mean-pools; an unused pooler would stall DDP's reducer
     return tok, teacher, student.to(device), picks
+
+
+def init_from_layers(student, teacher, n_t: int, n: int, layers: str) -> list[int]:
+    """Loads into ``student`` the teacher's weights outside its layers and n evenly spaced layers of its
+    n_t (first and last included), renumbered; ``layers`` names the layer list in the state dict
+    ("layer" in BERT, "layers" in Llama). Returns the picked teacher layers."""
+    picks = [round(i * (n_t - 1) / max(n - 1, 1)) for i in range(n)]
+    mapped = {}
+    for key, v in teacher.state_dict().items():
+        m = re.search(rf"{layers}\.(\d+)\.", key)
+        if m is None:
+            mapped[key] = v
+        elif int(m.group(1)) in picks:
+            mapped[key.replace(m.group(0), f"{layers}.{picks.index(int(m.group(1)))}.")] = v
+    student.load_state_dict(mapped, strict=False)
+    return picks
 
 
 # ------------------------------------------------------------------------------ training

@@ -17,7 +17,6 @@ import datetime
 import json
 import math
 import os
-import re
 import time
 
 import torch
@@ -92,14 +91,12 @@ def token_sequences(tok, *, data: str | None, corpus: str | None, seq_len: int) 
     if corpus is not None:
         if corpus != "stdlib":
             raise SystemExit(f"--corpus must be 'stdlib', got {corpus!r}")
-        from .distill import stdlib_sentences  # noqa: PLC0415
+        from .distill import _stdlib_sentences  # noqa: PLC0415  (parsed once per process)
 
-        texts = stdlib_sentences()
-        ids_list = tok(texts, add_special_tokens=False)["input_ids"]
+        ids_list = tok(list(_stdlib_sentences(6, 60)), add_special_tokens=False)["input_ids"]
     else:
-        ids_list = []
+        ids_list, texts, text_at = [], [], []  # texts are tokenized in one call, then put in place
         with open(data, encoding="utf-8") as f:
-            texts = []
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -110,11 +107,14 @@ def token_sequences(tok, *, data: str | None, corpus: str | None, seq_len: int) 
                 if isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):
                     ids_list.append([int(t) for t in obj["input_ids"]])
                 elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                    text_at.append(len(ids_list))
                     texts.append(obj["text"])
+                    ids_list.append(None)
                 else:
                     raise SystemExit(f'{data}:{n}: expected {{"text": ...}} or {{"input_ids": [...]}}')
-            if texts:
-                ids_list += tok(texts, add_special_tokens=False)["input_ids"]
+        if texts:
+            for i, ids in zip(text_at, tok(texts, add_special_tokens=False)["input_ids"]):
+                ids_list[i] = ids
     for ids in ids_list:
         stream.extend(ids)
         if sep is not None:
@@ -150,11 +150,10 @@ def teacher_topk(model, input_ids, attention_mask=None, *, k: int, temperature: 
     B, T, H = h.shape
     h = h.reshape(-1, H)
     w = head.weight.float()
+    b = None if head.bias is None else head.bias.float()
     lps, ixs = [], []
     for i in range(0, h.shape[0], chunk_rows):
-        z = torch.nn.functional.linear(
-            h[i : i + chunk_rows].float(), w, None if head.bias is None else head.bias.float()
-        )
+        z = torch.nn.functional.linear(h[i : i + chunk_rows].float(), w, b)
         lp, ix = torch.log_softmax(z / temperature, -1).topk(k, -1)
         lps.append(lp)
         ixs.append(ix)
@@ -228,6 +227,8 @@ def make_student(teacher, num_layers: int):
 
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
+    from .distill import init_from_layers  # noqa: PLC0415
+
     cfg = copy.deepcopy(teacher.config)
     n_t = cfg.num_hidden_layers
     if not 1 <= num_layers <= n_t:
@@ -236,15 +237,7 @@ def make_student(teacher, num_layers: int):
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = cfg.layer_types[:num_layers]
     student = AutoModelForCausalLM.from_config(cfg)
-    picks = [round(i * (n_t - 1) / max(num_layers - 1, 1)) for i in range(num_layers)]
-    mapped = {}
-    for key, v in teacher.state_dict().items():
-        m = re.search(r"layers\.(\d+)\.", key)
-        if m is None:
-            mapped[key] = v
-        elif int(m.group(1)) in picks:
-            mapped[key.replace(m.group(0), f"layers.{picks.index(int(m.group(1)))}.")] = v
-    student.load_state_dict(mapped, strict=False)
+    init_from_layers(student, teacher, n_t, num_layers, "layers")
     return student
 
 

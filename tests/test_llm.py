@@ -452,3 +452,17 @@ def test_distill_lm_lowers_held_out_kl(teacher_dir, tmp_path, offline):
         assert key in report
     assert report["steps"] == 20 and report["kl_after"] < 0.8 * report["kl_before"]
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_jsonl_lines_keep_their_order(tmp_path):
+    """Text and token-id lines of one JSONL file join the stream in file order."""
+    from pykd.llm import token_sequences
+
+    # a tokenizer mapping each word to its length
+    tok = type("Tok", (), {"eos_token_id": 0, "sep_token_id": None,
+                           "__call__": lambda self, texts, add_special_tokens: {
+                               "input_ids": [[len(w) for w in t.split()] for t in texts]}})()  # fmt: skip
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "aa bbb"}\n{"input_ids": [7, 8]}\n\n{"text": "c"}\n')
+    seqs = token_sequences(tok, data=str(path), corpus=None, seq_len=3)
+    assert torch.cat(seqs).tolist() == [2, 3, 0, 7, 8, 0]  # then 1, 0: too few for a third sequence

@@ -12,11 +12,10 @@ and keeps the hidden states it was given.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from .. import fused_linear_kd_loss, fused_linear_topk_kd_loss
+from .. import _checks, fused_linear_kd_loss, fused_linear_topk_kd_loss
 from ..data import TeacherCache, collate
 from ..llm import LMHeadTap, check_lm_head, shift_targets
 
@@ -51,14 +50,9 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kd_divergence not in _DIVERGENCES:
-            raise ValueError(
-                f"kd_divergence must be one of {', '.join(_DIVERGENCES)}, got {self.kd_divergence!r}"
-            )
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
-        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
-            raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature}")
+        _checks.choice("kd_divergence", self.kd_divergence, _DIVERGENCES)
+        _checks.real("kd_alpha", self.kd_alpha, lo=0.0, hi=1.0)
+        _checks.temperature("kd_temperature", self.kd_temperature)
 
 
 class DistillationTrainer(Trainer):
