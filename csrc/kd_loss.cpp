@@ -37,6 +37,7 @@ struct RowParams {
   float grad_scale;  // folded into the stored gradient: 1/n for "mean" (not fp16), else 1
   bool has_hard;
   bool compute_grad;
+  LogitMap fs, ft;  // logit_scale / logit_softcap of the student and the teacher
 };
 
 // log(beta p_t + (1 - beta) p_s) from log p_t, log p_s.
@@ -56,13 +57,16 @@ PYKD_HOT void kd_row(const S* __restrict s, const T* __restrict t, S* __restrict
   constexpr bool kSoftmax = D != Divergence::kMSE;
   const int64_t V = P.V;
   const float inv_t = P.inv_t;
-  const float smax = (kSoftmax || NEED_H) ? row_max(s, V) : 0.f;
-  const float tmax = kSoftmax ? row_max(t, V) : 0.f;
+  const LogitMap &fs = P.fs, &ft = P.ft;
+  const float smax = (kSoftmax || NEED_H) ? fs(row_max(s, V)) : 0.f;
+  const float tmax = kSoftmax ? ft(row_max(t, V)) : 0.f;
   const float m_s = smax * inv_t, m_t = tmax * inv_t, m_h = smax;
 
   // ---- sweep 1: softmax sums and the divergence accumulator
   vf ls{}, lt{}, lh{}, ac{};
-  blocks(s, t, V, [&](vf sr, vf tr, int64_t, int64_t) __attribute__((always_inline)) {
+  blocks(s, t, V, [&](vf sr, vf tr, int64_t, int64_t n) __attribute__((always_inline)) {
+    sr = fs(sr, n);
+    tr = ft(tr, n);
     if constexpr (D == Divergence::kMSE) {
       const vf d = select(sr == tr, vf{}, sr - tr);
       ac += d * d;
@@ -92,7 +96,9 @@ PYKD_HOT void kd_row(const S* __restrict s, const T* __restrict t, S* __restrict
   // ---- sweep 2 (jsd, tvd): the loss and the gradient's row statistic
   if constexpr (D == Divergence::kJSD || D == Divergence::kTVD) {
     vf x1{}, x2{};  // jsd: KL(p_t||m), KL(p_s||m); tvd: sum |p_s - p_t|, sum p_s sign(p_s - p_t)
-    blocks(s, t, V, [&](vf sr, vf tr, int64_t, int64_t) __attribute__((always_inline)) {
+    blocks(s, t, V, [&](vf sr, vf tr, int64_t, int64_t n) __attribute__((always_inline)) {
+      sr = fs(sr, n);
+      tr = ft(tr, n);
       const vf log_ps = sr * inv_t - lse_s, log_pt = tr * inv_t - lse_t;
       const vf ps = vexp(log_ps), pt = vexp(log_pt);
       if constexpr (D == Divergence::kJSD) {
@@ -114,12 +120,13 @@ PYKD_HOT void kd_row(const S* __restrict s, const T* __restrict t, S* __restrict
   // dropped. (mse has no softmax: its NaN stays where the reference puts it.)
   const float poison = kSoftmax && std::isnan(lse_s + lse_t) ? std::numeric_limits<float>::quiet_NaN() : 0.f;
   soft += poison;
-  const float hard = P.has_hard ? lse_h - static_cast<float>(s[y]) : 0.f;
+  const float hard = P.has_hard ? lse_h - fs(static_cast<float>(s[y])) : 0.f;
   *soft_out = soft;
   *hard_out = hard;
   if (!P.compute_grad) return;
 
-  // ---- sweep 3: the gradient, every soft term carrying 1/T and the reduction scale
+  // ---- sweep 3: the gradient, every soft term carrying 1/T and the reduction scale; `grad` takes
+  // the mapped logits and gives d loss / d f(s), which the store multiplies by f'(s)
   const float cs = P.alpha_w * P.grad_scale * inv_t + poison;
   const float ch = P.has_hard ? P.one_minus_alpha * P.grad_scale : 0.f;
   const float c_mse = 2.f / static_cast<float>(V) * P.alpha_w * P.grad_scale;
@@ -146,14 +153,17 @@ PYKD_HOT void kd_row(const S* __restrict s, const T* __restrict t, S* __restrict
     }
   };
   blocks(s, t, V, [&](vf sr, vf tr, int64_t k, int64_t n) __attribute__((always_inline)) {
+    const vf x = fs(sr, n);
+    const vf gx = grad(x, ft(tr, n)) * fs.grad(x);
     if (n == kW)
-      store(g + k, grad(sr, tr));
+      store(g + k, gx);
     else
-      store_partial(g + k, n, grad(sr, tr));
+      store_partial(g + k, n, gx);
   });
   // The one-hot term of the hard CE, on the one entry it touches, rounded once.
   if (P.has_hard) {
-    const vf gy = grad(load_partial(s + y, 1, -kInf), load_partial(t + y, 1, -kInf)) - ch;
+    const vf x = fs(load_partial(s + y, 1, -kInf), 1);
+    const vf gy = (grad(x, ft(load_partial(t + y, 1, -kInf), 1)) - ch) * fs.grad(x);
     store_partial(g + y, 1, gy);
   }
 }
@@ -207,8 +217,8 @@ void kd_dispatch(Divergence div, bool need_h, const at::Tensor& st, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& num_items, c10::string_view divergence, double temperature,
-    double alpha, double beta, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    bool compute_grad) {
+    double alpha, double beta, int64_t ignore_index, bool scale_by_t2, at::ArrayRef<double> logit_map,
+    c10::string_view reduction, bool compute_grad) {
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
               "pykd::kd_loss_fwd: student and teacher must be (rows, V) of one shape");
   const Divergence div = parse_divergence(std::string(divergence));
@@ -242,6 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   P.grad_scale = fold_mean ? static_cast<float>(1.0 / n) : 1.f;
   P.has_hard = tp != nullptr;  // the hard CE is always reported; its gradient weight is 1 - alpha
   P.compute_grad = compute_grad;
+  TORCH_CHECK(logit_map.size() == 4, "pykd::kd_loss_fwd: logit_map is (s_scale, s_cap, t_scale, t_cap)");
+  P.fs = LogitMap(logit_map[0], logit_map[1]);
+  P.ft = LogitMap(logit_map[2], logit_map[3]);
 
   auto fopts = s.options().dtype(at::kFloat);
   auto soft = new_output({R}, fopts);
@@ -283,7 +296,8 @@ TORCH_LIBRARY_FRAGMENT(pykd, m) {
   m.def(
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, Tensor? num_items, "
       "str divergence, float temperature, float alpha, float beta, int ignore_index, "
-      "bool scale_by_t2, str reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool scale_by_t2, float[] logit_map, str reduction, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pykd, CPU, m) { m.impl("kd_loss_fwd", &kd_loss_fwd_cpu); }

@@ -38,6 +38,7 @@ struct TopkParams {
   float grad_scale;  // 1/n for "mean" (not fp16), else 1
   bool has_hard;
   bool compute_grad;
+  LogitMap fs;  // the student's logit_scale / logit_softcap
 };
 
 float log_add_exp(float a, float b) {
@@ -47,27 +48,38 @@ float log_add_exp(float a, float b) {
 }
 
 // One row. `mask` is this thread's V floats of 0, used to exclude the K entries from the tail sums.
+// Indices >= V (a teacher's larger vocabulary, sorted last) are dropped: the kept K entries are the
+// first ones, and with a tail their probabilities are renormalized by 1 - (the dropped mass).
 template <bool TAIL, bool NEED_H, typename S>
-PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const int64_t* __restrict idx,
+PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp_in, const int64_t* __restrict idx,
                        S* __restrict g, int64_t y, const TopkParams& P, float* __restrict mask,
-                       float* __restrict zk, float* soft_out, float* hard_out) {
-  const int64_t V = P.V, K = P.K;
+                       float* __restrict zk, float* __restrict lp, float* soft_out, float* hard_out) {
+  const int64_t V = P.V;
+  const LogitMap& fs = P.fs;
   const float inv_t = P.inv_t;
-  for (int64_t k = 0; k < K; ++k) zk[k] = static_cast<float>(s[idx[k]]) * inv_t;
+  int64_t K = P.K;
+  while (K > 0 && idx[K - 1] >= V) --K;
+  float dropped = 0.f;
+  for (int64_t k = K; k < P.K; ++k) dropped += std::exp(lp_in[k]);
+  const float log_keep = TAIL && dropped > 0.f && dropped < 1.f ? std::log1p(-dropped) : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    zk[k] = fs(static_cast<float>(s[idx[k]])) * inv_t;
+    lp[k] = lp_in[k] - log_keep;
+  }
 
   // lse of z over the whole row; for the tail also lse_out over the non-K entries alone.
   float lse, lse_out = -kInf;
   if constexpr (TAIL) {
     for (int64_t k = 0; k < K; ++k) mask[idx[k]] = -kInf;
     vf mv = splat(-kInf);
-    blocks(s, mask, V, [&](vf sr, vf mk, int64_t, int64_t) __attribute__((always_inline)) {
-      mv = vmax(mv, sr * inv_t + mk);
+    blocks(s, mask, V, [&](vf sr, vf mk, int64_t, int64_t n) __attribute__((always_inline)) {
+      mv = vmax(mv, fs(sr, n) * inv_t + mk);
     });
     const float m_out = hmax(mv);
     const float m_safe = m_out == -kInf ? 0.f : m_out;
     vf lv{};
-    blocks(s, mask, V, [&](vf sr, vf mk, int64_t, int64_t) __attribute__((always_inline)) {
-      lv += vexp(sr * inv_t + mk - m_safe);
+    blocks(s, mask, V, [&](vf sr, vf mk, int64_t, int64_t n) __attribute__((always_inline)) {
+      lv += vexp(fs(sr, n) * inv_t + mk - m_safe);
     });
     for (int64_t k = 0; k < K; ++k) mask[idx[k]] = 0.f;
     lse_out = m_safe + std::log(hsum(lv));
@@ -78,19 +90,19 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
       for (int64_t k = 0; k < K; ++k) l_in += std::exp(zk[k] - m_in);
     lse = log_add_exp(m_in == -kInf ? -kInf : m_in + std::log(l_in), lse_out);
   } else {
-    const float m = row_max(s, V) * inv_t;
+    const float m = fs(row_max(s, V)) * inv_t;
     vf lv{};
-    blocks(s, s, V, [&](vf sr, vf, int64_t, int64_t) __attribute__((always_inline)) {
-      lv += vexp(sr * inv_t - m);
+    blocks(s, s, V, [&](vf sr, vf, int64_t, int64_t n) __attribute__((always_inline)) {
+      lv += vexp(fs(sr, n) * inv_t - m);
     });
     lse = m + std::log(hsum(lv));
   }
   float lse_h = lse;
   if constexpr (NEED_H) {
-    const float m = row_max(s, V);
+    const float m = fs(row_max(s, V));
     vf lv{};
-    blocks(s, s, V, [&](vf sr, vf, int64_t, int64_t) __attribute__((always_inline)) {
-      lv += vexp(sr - m);
+    blocks(s, s, V, [&](vf sr, vf, int64_t, int64_t n) __attribute__((always_inline)) {
+      lv += vexp(fs(sr, n) - m);
     });
     lse_h = m + std::log(hsum(lv));
   }
@@ -123,13 +135,14 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
   }
   if (TAIL && p_tail > 0.f) soft += p_tail * (std::log(p_tail) - lse_out + lse);
   *soft_out = soft;
-  *hard_out = P.has_hard ? lse_h - static_cast<float>(s[y]) : 0.f;
+  *hard_out = P.has_hard ? lse_h - fs(static_cast<float>(s[y])) : 0.f;
   if (!P.compute_grad) return;
 
   // ---- the gradient: every entry with the non-K formula, then the K and target entries
   const float cs = P.alpha_w * P.grad_scale * inv_t;
   const float ch = P.has_hard ? P.one_minus_alpha * P.grad_scale : 0.f;
   const float lse_o = lse_out == -kInf ? 0.f : lse_out;
+  // d loss / d f(s) off K; the stores multiply by f'(s)
   auto outside = [&](vf sr) __attribute__((always_inline)) -> vf {
     const vf zs = sr * inv_t;
     const vf q = vexp(zs - lse);
@@ -140,17 +153,22 @@ PYKD_HOT void topk_row(const S* __restrict s, const float* __restrict lp, const 
     return cs * d + ch * ph;
   };
   blocks(s, s, V, [&](vf sr, vf, int64_t k, int64_t n) __attribute__((always_inline)) {
+    const vf x = fs(sr, n);
+    const vf gx = outside(x) * fs.grad(x);
     if (n == kW)
-      store(g + k, outside(sr));
+      store(g + k, gx);
     else
-      store_partial(g + k, n, outside(sr));
+      store_partial(g + k, n, gx);
   });
-  if (P.has_hard) store_partial(g + y, 1, outside(load_partial(s + y, 1, -kInf)) - ch);
+  if (P.has_hard) {
+    const vf x = fs(load_partial(s + y, 1, -kInf), 1);
+    store_partial(g + y, 1, (outside(x) - ch) * fs.grad(x));
+  }
   for (int64_t k = 0; k < K; ++k) {
-    const float sk = static_cast<float>(s[idx[k]]);
+    const float sk = fs(static_cast<float>(s[idx[k]]));
     const float ph = NEED_H ? std::exp(sk - lse_h) : std::exp(zk[k] - lse);
     const float d = mass * std::exp(zk[k] - lse) - std::exp((lp[k] - lp_max) - lp_log_l);
-    g[idx[k]] = static_cast<S>(cs * d + ch * ph - (idx[k] == y ? ch : 0.f));
+    g[idx[k]] = static_cast<S>((cs * d + ch * ph - (idx[k] == y ? ch : 0.f)) * fs.grad(sk));
   }
 }
 
@@ -160,7 +178,7 @@ void topk_rows(const S* s, const float* lp, const int64_t* idx, S* g, const int6
   const int64_t V = P.V, K = P.K;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> mask(TAIL ? V : 0, 0.f), zk(K);
+    std::vector<float> mask(TAIL ? V : 0, 0.f), zk(K), lp_row(K);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t y = target ? target[r] : -1;
       S* gr = g ? g + r * V : nullptr;
@@ -170,7 +188,7 @@ void topk_rows(const S* s, const float* lp, const int64_t* idx, S* g, const int6
         continue;
       }
       topk_row<TAIL, NEED_H, S>(s + r * P.stride_s, lp + r * K, idx + r * K, gr, y, P, mask.data(), zk.data(),
-                                soft + r, hard + r);
+                                lp_row.data(), soft + r, hard + r);
     }
   });
 }
@@ -192,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& topk_logprobs, const at::Tensor& topk_indices,
     const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& num_items,
     double temperature, double alpha, bool tail, int64_t ignore_index, bool scale_by_t2,
-    c10::string_view reduction, bool compute_grad) {
+    at::ArrayRef<double> logit_map, c10::string_view reduction, bool compute_grad) {
   TORCH_CHECK(student.dim() == 2 && topk_logprobs.dim() == 2 &&
                   topk_indices.sizes() == topk_logprobs.sizes() &&
                   topk_logprobs.size(0) == student.size(0),
@@ -211,13 +229,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
                 "pykd::topk_kd_loss_fwd: target must be int64 with one entry per row");
   }
   const int64_t* tp = target.has_value() ? tgt.data_ptr<int64_t>() : nullptr;
-  // The row kernel reads and writes at these indices: sorted, distinct, in [0, V) in every row that
-  // counts (an ignored row's indices are never read).
+  // The row kernel reads and writes at these indices: sorted, distinct, >= 0 in every row that counts
+  // (an ignored row's indices are never read); those >= V are dropped (pykd checks their bound).
   for (int64_t r = 0; r < R; ++r) {
     if (tp && tp[r] == ignore_index) continue;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t i = ip[r * K + k];
-      TORCH_CHECK_VALUE(i >= 0 && i < V, "teacher_topk_indices must be in [0, ", V, "), found ", i);
+      TORCH_CHECK_VALUE(i >= 0, "teacher_topk_indices must be >= 0, found ", i);
       TORCH_CHECK_VALUE(k == 0 || ip[r * K + k - 1] < i,
                         "pykd::topk_kd_loss_fwd: indices must be sorted and distinct in each row");
     }
@@ -235,6 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
   P.grad_scale = fold_mean ? static_cast<float>(1.0 / n) : 1.f;
   P.has_hard = tp != nullptr;
   P.compute_grad = compute_grad;
+  TORCH_CHECK(logit_map.size() == 2, "pykd::topk_kd_loss_fwd: logit_map is (scale, softcap)");
+  P.fs = LogitMap(logit_map[0], logit_map[1]);
 
   auto fopts = s.options().dtype(at::kFloat);
   auto soft = new_output({R}, fopts);
@@ -269,7 +289,8 @@ TORCH_LIBRARY_FRAGMENT(pykd, m) {
   m.def(
       "topk_kd_loss_fwd(Tensor student, Tensor topk_logprobs, Tensor topk_indices, Tensor? target, "
       "Tensor? num_items, float temperature, float alpha, bool tail, int ignore_index, "
-      "bool scale_by_t2, str reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool scale_by_t2, float[] logit_map, str reduction, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pykd, CPU, m) { m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cpu); }

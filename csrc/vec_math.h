@@ -143,6 +143,45 @@ PYKD_INLINE void blocks(const S* s, const T* t, int64_t V, F&& body) {
   if (k < V) body(load_partial(s + k, V - k, -kInf), load_partial(t + k, V - k, -kInf), k, V - k);
 }
 
+// tanh(x): an odd Taylor polynomial below |x| = 1/4 (where 1 - e^{-2|x|} would cancel), else
+// (1 - e) / (1 + e) with e = e^{-2|x|}. tanh(+-inf) = +-1, NaN stays NaN.
+PYKD_INLINE vf vtanh(vf x) {
+  const vf ax = select(x < 0.f, -x, x);
+  const vf e = vexp(-2.f * ax);
+  const vf big = (1.f - e) / (1.f + e);
+  const vf x2 = x * x;
+  const vf poly =
+      x * (1.f + x2 * (-1.f / 3.f + x2 * (2.f / 15.f + x2 * (-17.f / 315.f + x2 * (62.f / 2835.f)))));
+  return select(ax < 0.25f, poly, select(x < 0.f, -big, big));
+}
+
+// The logit map of logit_scale and logit_softcap: f(x) = c tanh(a x / c) (softcap c > 0), else a x.
+// f is increasing, so f(max x) = max f(x). grad(f(x)) = f'(x), from the mapped value.
+struct LogitMap {
+  float scale = 1.f, cap = 0.f, inv_cap = 0.f;
+  LogitMap() = default;
+  LogitMap(double a, double c) : scale(static_cast<float>(a)), cap(static_cast<float>(c)),
+                                 inv_cap(c > 0 ? static_cast<float>(1.0 / c) : 0.f) {}
+  PYKD_INLINE vf operator()(vf x) const {
+    x = x * scale;
+    return cap > 0.f ? cap * vtanh(x * inv_cap) : x;
+  }
+  // A block of n <= kW entries: padding lanes stay -inf (f(-inf) = -c would give them mass).
+  PYKD_INLINE vf operator()(vf x, int64_t n) const {
+    const vf y = (*this)(x);
+    if (n == kW || cap == 0.f) return y;
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return select(lane < static_cast<int32_t>(n), y, splat(-kInf));
+  }
+  PYKD_INLINE float operator()(float x) const { return (*this)(splat(x))[0]; }
+  PYKD_INLINE vf grad(vf y) const {
+    if (cap == 0.f) return splat(scale);
+    const vf u = y * inv_cap;
+    return scale * (1.f - u) * (1.f + u);
+  }
+  PYKD_INLINE float grad(float y) const { return grad(splat(y))[0]; }
+};
+
 template <typename S>
 PYKD_INLINE float row_max(const S* x, int64_t V) {
   vf m = splat(-kInf);

@@ -21,6 +21,45 @@ def rint_even(x):
     return (x + 12582912.0) - 12582912.0
 
 
+@triton.jit
+def tanh(x):
+    """tanh(x): an odd Taylor polynomial below |x| = 1/4 (where 1 - e^{-2|x|} would cancel), else
+    (1 - e) / (1 + e) with e = e^{-2|x|} (the C++ kernels' vtanh). tanh(+-inf) = +-1."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    poly = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(ax < 0.25, poly, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def logit_map(x, mask, scale, cap, CAP: tl.constexpr):
+    """logit_scale / logit_softcap: f(x) = cap tanh(scale x / cap) (CAP), else scale x. Entries off
+    `mask` stay -inf (f(-inf) = -cap would give them mass)."""
+    x = x * scale
+    if CAP:
+        x = tl.where(mask, cap * tanh(x / cap), float("-inf"))
+    return x
+
+
+@triton.jit
+def logit_map_grad(y, scale, cap, CAP: tl.constexpr):
+    """f'(x) from y = f(x): scale (1 - (y / cap)^2) (CAP), else scale."""
+    if CAP:
+        u = y / cap
+        d = scale * (1.0 - u) * (1.0 + u)
+    else:
+        d = tl.zeros_like(y) + scale  # one return type for both branches (the GPU compiler's rule)
+    return d
+
+
+def logit_map_args(logit_map):
+    """(scale, cap, CAP) kernel arguments of one side of a logit_map list."""
+    scale, cap = float(logit_map[0]), float(logit_map[1])
+    return scale, (cap if cap > 0 else 1.0), cap > 0
+
+
 def new_output(shape, *, device, dtype) -> torch.Tensor:
     """A fresh output tensor; NaN-filled when PYKD_POISON_OUTPUTS=1 (tests), so any element a
     kernel fails to write shows up instead of passing on whatever memory held."""

@@ -11,7 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DIVERGENCES, finish_rows, new_output, row_loss_scale, zero_row
+from .common import (
+    DIVERGENCES,
+    finish_rows,
+    logit_map,
+    logit_map_args,
+    logit_map_grad,
+    new_output,
+    row_loss_scale,
+    zero_row,
+)
 
 # Grid cap: one program per row up to here, then programs stride over rows. CUDA's grid x-limit is
 # far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
@@ -40,13 +49,20 @@ def _kd_loss_kernel(
     log_beta,
     log_1mb,
     ignore_index,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     DIV: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     SAME_T: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    S_CAP: tl.constexpr,
+    T_CAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Per row r, with z = logits / T, p = softmax(z), lse = m + log l:
+    """Per row r, logits first mapped by f (logit_scale a, logit_softcap c: f(x) = c tanh(a x / c), or
+    a x), with z = f(logits) / T, p = softmax(z), lse = m + log l:
 
     sweep 1 (online softmax; when a max m grows, l and its accumulator are rescaled by
     exp(m_old - m_new)):
@@ -59,9 +75,9 @@ def _kd_loss_kernel(
     sweep 2 (jsd, tvd): the loss and the row statistic of the gradient from both lse:
         jsd: KL(p_s||m), KL(p_t||m) with log m = logaddexp(log b + log p_t, log(1-b) + log p_s)
         tvd: 1/2 sum |p_s - p_t| and sum p_s sign(p_s - p_t)
-    sweep 3: grad = scale * (alpha w d soft/ds + (1 - alpha)(softmax(s) - onehot(y))), stored in
-        the logits' dtype; scale is the reduction's (1/n for "mean", read from scale_ptr so n can
-        stay on the device).
+    sweep 3: grad = scale * (alpha w d soft/ds + (1 - alpha)(softmax(s) - onehot(y))) f'(s), stored
+        in the logits' dtype (s here is f(logits)); scale is the reduction's (1/n for "mean", read
+        from scale_ptr so n can stay on the device).
     A term whose probability is exactly 0 contributes 0, so -inf teacher logits are exact.
     DIV: 0 kl, 1 reverse_kl, 2 soft_ce, 3 jsd, 4 tvd, 5 mse.
     """
@@ -92,6 +108,8 @@ def _kd_loss_kernel(
                 mask = offs < V
                 sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
                 tr = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
+                tr = logit_map(tr, mask, t_scale, t_cap, T_CAP)
                 if DIV == 5:
                     d = tl.where(sr == tr, 0.0, sr - tr)
                     acc += tl.sum(d * d)
@@ -149,6 +167,8 @@ def _kd_loss_kernel(
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
                     tr = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                    sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
+                    tr = logit_map(tr, mask, t_scale, t_cap, T_CAP)
                     log_ps = sr * inv_t - lse_s
                     log_pt = tr * inv_t - lse_t
                     ps = tl.exp(log_ps)
@@ -176,7 +196,7 @@ def _kd_loss_kernel(
             soft += poison
             hard = 0.0
             if HAS_TARGET:
-                hard = lse_h - tl.load(s_row + y).to(tl.float32)
+                hard = lse_h - logit_map(tl.load(s_row + y).to(tl.float32), True, s_scale, s_cap, S_CAP)
             tl.store(soft_ptr + row64, soft)
             tl.store(hard_ptr + row64, hard)
             # ---- sweep 3: the gradient
@@ -189,6 +209,8 @@ def _kd_loss_kernel(
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
                     tr = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+                    sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
+                    tr = logit_map(tr, mask, t_scale, t_cap, T_CAP)
                     ps = tl.zeros([BLOCK_V], dtype=tl.float32)
                     if DIV == 5:
                         g = tl.where(sr == tr, 0.0, sr - tr) * (2.0 * alpha_w * gscale / V)
@@ -215,6 +237,7 @@ def _kd_loss_kernel(
                         else:
                             ph = ps
                         g += ch * (ph - tl.where(offs == y, 1.0, 0.0))
+                    g = g * logit_map_grad(sr, s_scale, s_cap, S_CAP)
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
         else:
             zero_row(soft_ptr, hard_ptr, g_ptr, row64, stride_g, V, COMPUTE_GRAD, BLOCK_V)
@@ -247,6 +270,7 @@ def kd_loss_fwd(
     beta: float,
     ignore_index: int,
     scale_by_t2: bool,
+    logit_map: list[float],
     reduction: str,
     compute_grad: bool,
     grad_dtype: torch.dtype | None = None,
@@ -267,6 +291,8 @@ def kd_loss_fwd(
     alpha_w = alpha * w
     if R > 0 and V > 0:
         block_v, num_warps = launch_config(V)
+        s_scale, s_cap, s_has_cap = logit_map_args(logit_map[:2])
+        t_scale, t_cap, t_has_cap = logit_map_args(logit_map[2:])
         _kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
             student,
             teacher,
@@ -287,10 +313,16 @@ def kd_loss_fwd(
             math.log(beta) if divergence == "jsd" else 0.0,
             math.log1p(-beta) if divergence == "jsd" else 0.0,
             ignore_index,
+            s_scale,
+            s_cap,
+            t_scale,
+            t_cap,
             DIV=DIVERGENCES.index(divergence),
             HAS_TARGET=target is not None,
             SAME_T=temperature == 1.0,
             COMPUTE_GRAD=compute_grad,
+            S_CAP=s_has_cap,
+            T_CAP=t_has_cap,
             BLOCK_V=block_v,
             num_warps=num_warps,
         )

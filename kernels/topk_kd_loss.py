@@ -9,7 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import finish_rows, new_output, row_loss_scale, zero_row
+from .common import (
+    finish_rows,
+    logit_map,
+    logit_map_args,
+    logit_map_grad,
+    new_output,
+    row_loss_scale,
+    zero_row,
+)
 
 MAX_PROGRAMS = 65535
 MAX_BLOCK_V = 2048  # the tail's membership test holds a (BLOCK_V, KW) compare in registers
@@ -36,6 +44,8 @@ def _topk_kd_loss_kernel(
     alpha_w,
     one_minus_alpha,
     ignore_index,
+    s_scale,
+    s_cap,
     TAIL: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     SAME_T: tl.constexpr,
@@ -43,8 +53,10 @@ def _topk_kd_loss_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     KW: tl.constexpr,
+    S_CAP: tl.constexpr,
 ):
-    """Per row, z = s / T, q = softmax(z), teacher log-probs lp_k at sorted distinct indices i_k.
+    """Per row, s = f(logits) (logit_scale / logit_softcap, gradients times f'), z = s / T,
+    q = softmax(z), teacher log-probs lp_k at sorted distinct indices i_k.
 
     tail (TAIL): soft = sum_k p_k (lp_k - log q_k) + P (log P - log Q) with P = 1 - sum_k p_k and
         log Q = lse_out - lse, lse_out the log-sum-exp of the non-K logits alone (an online softmax
@@ -54,6 +66,8 @@ def _topk_kd_loss_kernel(
         the student has no mass outside K) or the given probabilities sum above 1.
     no tail: p^ = softmax(lp) over the K entries; soft = sum_k p^_k (log p^_k - log q_k),
         d soft/dz_j = q_j - p^_j [j in K].
+    Indices >= V (a teacher's larger vocabulary) are dropped; with TAIL the kept probabilities are
+    renormalized by 1 - (the dropped mass).
     The sweep tests membership with the sorted indices: a window of KW indices starting at the first
     one not yet passed is compared with the block; the window advances past the indices below the
     block's end. The gradient sweep writes the non-K formula everywhere; after a barrier the
@@ -76,9 +90,15 @@ def _topk_kd_loss_kernel(
             valid = y != ignore_index
         if valid:
             ik = tl.load(idx_row + koffs, mask=kmask, other=0)
-            k_ok = kmask & (ik >= 0) & (ik < V)  # memory safety for unchecked (compiled) input
+            k_ok = kmask & (ik >= 0) & (ik < V)  # ids >= V dropped; memory safety for unchecked input
             lpk = tl.load(lp_ptr + row64 * stride_k + koffs, mask=kmask, other=NEG_INF).to(tl.float32)
+            if TAIL:
+                dropped = tl.sum(tl.where(kmask & (ik >= V), tl.exp(lpk), 0.0))
+                keep = tl.where((dropped > 0.0) & (dropped < 1.0), 1.0 - dropped, 1.0)
+                lpk = lpk - tl.log(keep)
+            lpk = tl.where(k_ok, lpk, NEG_INF)
             sk = tl.load(s_row + ik, mask=k_ok, other=NEG_INF).to(tl.float32)
+            sk = logit_map(sk, k_ok, s_scale, s_cap, S_CAP)
             zk = sk * inv_t
             # ---- sweep: online (max, sum) of z (outside K when TAIL) and of raw s (hard CE)
             m = NEG_INF
@@ -90,6 +110,7 @@ def _topk_kd_loss_kernel(
                 offs = v0 + tl.arange(0, BLOCK_V)
                 mask = offs < V
                 sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
                 z = sr * inv_t
                 if TAIL:
                     hit = tl.zeros([BLOCK_V], dtype=tl.int32)
@@ -123,7 +144,7 @@ def _topk_kd_loss_kernel(
                 mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
                 lse = mx_safe + tl.log(tl.exp(lse_in - mx_safe) + tl.exp(lse_out - mx_safe))
                 sum_p = tl.sum(tl.exp(lpk))
-                has_tail = (K < V) & (lse_out > NEG_INF)
+                has_tail = (tl.sum(k_ok.to(tl.int32)) < V) & (lse_out > NEG_INF)
                 p_tail = tl.where(has_tail, tl.maximum(1.0 - sum_p, 0.0), 0.0)
                 mass = sum_p + p_tail
             else:
@@ -140,7 +161,7 @@ def _topk_kd_loss_kernel(
                 lse_h = m_h + tl.log(l_h)
             hard = 0.0
             if HAS_TARGET:
-                hard = lse_h - tl.load(s_row + y).to(tl.float32)
+                hard = lse_h - logit_map(tl.load(s_row + y).to(tl.float32), True, s_scale, s_cap, S_CAP)
             tl.store(soft_ptr + row64, soft)
             tl.store(hard_ptr + row64, hard)
             # ---- the gradient
@@ -153,17 +174,20 @@ def _topk_kd_loss_kernel(
                     offs = v0 + tl.arange(0, BLOCK_V)
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+                    sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
                     g = _outside_grad(
                         sr, inv_t, lse, lse_o, p_tail, mass, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET
                     )
+                    g = g * logit_map_grad(sr, s_scale, s_cap, S_CAP)
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
                 tl.debug_barrier()
                 if HAS_TARGET:
-                    sy = tl.load(s_row + y).to(tl.float32)
+                    sy = logit_map(tl.load(s_row + y).to(tl.float32), True, s_scale, s_cap, S_CAP)
                     gy = _outside_grad(
                         sy, inv_t, lse, lse_o, p_tail, mass, lse_h, cs, ch, TAIL, NEED_H, HAS_TARGET
                     )
-                    tl.store(g_row + y, (gy - ch).to(g_ptr.dtype.element_ty))
+                    gy = (gy - ch) * logit_map_grad(sy, s_scale, s_cap, S_CAP)
+                    tl.store(g_row + y, gy.to(g_ptr.dtype.element_ty))
                     tl.debug_barrier()
                 qk = tl.exp(zk - lse)
                 gk = cs * (mass * qk - tl.exp(lpn))
@@ -172,6 +196,7 @@ def _topk_kd_loss_kernel(
                     if NEED_H:
                         phk = tl.exp(sk - lse_h)
                     gk += ch * (phk - tl.where(ik == y, 1.0, 0.0))
+                gk = gk * logit_map_grad(sk, s_scale, s_cap, S_CAP)
                 tl.store(g_row + ik, gk.to(g_ptr.dtype.element_ty), mask=k_ok)
         else:
             zero_row(soft_ptr, hard_ptr, g_ptr, row64, stride_g, V, COMPUTE_GRAD, BLOCK_V)
@@ -205,6 +230,7 @@ def topk_kd_loss_fwd(
     tail: bool,
     ignore_index: int,
     scale_by_t2: bool,
+    logit_map: list[float],
     reduction: str,
     compute_grad: bool,
     grad_dtype: torch.dtype | None = None,
@@ -225,6 +251,7 @@ def topk_kd_loss_fwd(
     if R > 0 and V > 0:
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
         block_k = triton.next_power_of_2(max(K, 1))
+        s_scale, s_cap, s_has_cap = logit_map_args(logit_map)
         _topk_kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
             student,
             lp,
@@ -244,6 +271,8 @@ def topk_kd_loss_fwd(
             alpha_w,
             1.0 - alpha,
             ignore_index,
+            s_scale,
+            s_cap,
             TAIL=tail,
             HAS_TARGET=target is not None,
             SAME_T=temperature == 1.0,
@@ -251,6 +280,7 @@ def topk_kd_loss_fwd(
             BLOCK_V=block_v,
             BLOCK_K=block_k,
             KW=min(KW, block_k),
+            S_CAP=s_has_cap,
             num_warps=4 if block_v <= 1024 else 8,
         )
     loss, soft, hard = finish_rows(soft, hard, alpha_w, alpha, reduction, n)

@@ -80,3 +80,30 @@ def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def logit_map(logit_softcap, logit_scale, *, teacher: bool = True) -> list[float]:
+    """The kernels' logit map [s_scale, s_cap(, t_scale, t_cap)] (cap 0: none) from the ops'
+    ``logit_softcap`` (None, c > 0, or a (student, teacher) pair of those) and ``logit_scale``
+    (a > 0, or a pair). Without a teacher side (top-K ops) only a single value is accepted."""
+    out = []
+    for name, value, default, lo in (
+        ("logit_scale", logit_scale, 1.0, 0.0),
+        ("logit_softcap", logit_softcap, None, 0.0),
+    ):
+        if isinstance(value, (tuple, list)):
+            if not teacher:
+                raise TypeError(
+                    f"{name} must be one number here (the teacher comes as log-probabilities), got {value!r}"
+                )
+            if len(value) != 2:
+                raise ValueError(f"{name} must be a number or a (student, teacher) pair, got {value!r}")
+            pair = list(value)
+        else:
+            pair = [value, value]
+        for i, v in enumerate(pair):
+            who = f"{name}[{i}]" if isinstance(value, (tuple, list)) else name
+            pair[i] = 0.0 if v is None and default is None else real(who, v, lo=lo, lo_open=True)
+        out.append(pair)
+    (s_scale, t_scale), (s_cap, t_cap) = out
+    return [s_scale, s_cap, t_scale, t_cap] if teacher else [s_scale, s_cap]

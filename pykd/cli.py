@@ -8,7 +8,14 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = ("kd_loss", "attention_kd", "fused_linear_kd", "sparse_quant", "host_overhead")
+BENCHMARKS = (
+    "kd_loss",
+    "attention_kd",
+    "fused_linear_kd",
+    "sparse_quant",
+    "host_overhead",
+    "distill_trainer",
+)
 
 
 def info() -> dict:

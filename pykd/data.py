@@ -324,9 +324,10 @@ class TeacherCache(torch.utils.data.Dataset):
             "teacher_topk_indices": f.get_slice("indices")[a:b].to(torch.int64),
         }
 
-    def check(self, *, tokenizer=None, teacher_config=None, vocab_size: int | None = None) -> None:
-        """Refuses (ValueError) a cache written for another tokenizer, teacher config or vocabulary
-        than the ones given; a hash the cache does not record is not checked."""
+    def check(self, *, tokenizer=None, teacher_config=None) -> None:
+        """Refuses (ValueError) a cache written for another tokenizer or teacher config than the
+        ones given; a hash the cache does not record is not checked. (A teacher vocabulary larger
+        than the student's is served: see ``teacher_vocab_size`` of :func:`pykd.topk_kd_loss`.)"""
         checks = []
         if tokenizer is not None:
             checks.append(("tokenizer_hash", tokenizer_hash(tokenizer), "tokenizer"))
@@ -339,11 +340,6 @@ class TeacherCache(torch.utils.data.Dataset):
                     f"teacher cache {self.path} was written with another {what} ({key} {want[:12]}..., "
                     f"this one's is {have[:12]}...): its token ids would not match"
                 )
-        if vocab_size is not None and vocab_size < self.meta["vocab_size"]:
-            raise ValueError(
-                f"teacher cache {self.path} holds ids of a vocabulary of {self.meta['vocab_size']}, "
-                f"larger than the student's {vocab_size}"
-            )
 
 
 def collate(items: Sequence[dict], *, pad_id: int = 0, ignore_index: int = -100) -> dict:

@@ -47,6 +47,8 @@ def fused_linear_kd_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_components: bool = False,
     chunk_size: int | None = None,
+    logit_softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
 ):
     r""":func:`pykd.kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against
     ``teacher_hidden @ teacher_weight.T + teacher_bias``, without materializing the (BT, V) logits.
@@ -55,11 +57,14 @@ def fused_linear_kd_loss(
         student_hidden: (..., H_s) float32/float16/bfloat16, the last hidden states (BT rows).
         student_weight: (V, H_s), the lm_head weight (``nn.Linear(H_s, V).weight`` layout), same dtype.
         teacher_hidden: (..., H_t) with the student's leading shape; H_t may differ from H_s.
-        teacher_weight: (V, H_t). The teacher's tensors never get a gradient.
+        teacher_weight: (V_t, H_t), V_t >= V: a larger (padded) teacher vocabulary is conditioned on
+            the student's, its rows V and above dropped (as in :func:`pykd.kd_loss`). The teacher's
+            tensors never get a gradient.
         target: optional (...) int64, as in :func:`pykd.kd_loss`.
-        student_bias, teacher_bias: optional (V,).
+        student_bias, teacher_bias: optional (V,) and (V_t,).
         divergence, temperature, alpha, beta, ignore_index, reduction, scale_by_t2,
-        num_items_in_batch, return_components: as in :func:`pykd.kd_loss`.
+        num_items_in_batch, return_components, logit_softcap, logit_scale: as in
+        :func:`pykd.kd_loss` (the logit map applies to each chunk's logits inside the row kernel).
         chunk_size: rows per chunk; None picks about 2^27 (CUDA) or 2^24 (CPU) logits per chunk.
 
     Returns:
@@ -83,11 +88,13 @@ def fused_linear_kd_loss(
             f"teacher_hidden must have the student's leading shape {tuple(lead)}, got "
             f"{tuple(teacher_hidden.shape)}"
         )
-    if teacher_weight.shape[0] != ws.shape[0]:
+    V = ws.shape[0]
+    if teacher_weight.shape[0] < V:
         raise ValueError(
-            f"teacher_weight must have the student's vocabulary V={ws.shape[0]} rows, got "
+            f"teacher_weight must have at least the student's vocabulary V={V} rows, got "
             f"{tuple(teacher_weight.shape)}"
         )
+    logit_map = _checks.logit_map(logit_softcap, logit_scale)
     return _run(
         lead,
         hs,
@@ -100,13 +107,15 @@ def fused_linear_kd_loss(
         ],
         dict(
             h_t=ht.detach(),
-            w_t=wt.detach(),
-            b_t=None if bt is None else bt.detach(),
+            w_t=wt.detach()[:V],
+            b_t=None if bt is None else bt.detach()[:V],
             lp=None,
             idx=None,
             divergence=divergence,
             beta=beta,
             tail=False,
+            logit_map=logit_map,
+            teacher_vocab_size=None,
         ),
         target,
         temperature,
@@ -137,12 +146,16 @@ def fused_linear_topk_kd_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_components: bool = False,
     chunk_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
 ):
     r""":func:`pykd.topk_kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against a
     teacher given as top-K log-probabilities, without materializing the (BT, V) logits.
 
     Shapes: student_hidden (..., H), student_weight (V, H), student_bias (V,), teacher_topk_logprobs and
-    teacher_topk_indices (..., K). Options, precision and gradients as in
+    teacher_topk_indices (..., K). Options (teacher_vocab_size, logit_softcap and logit_scale
+    included), precision and gradients as in
     :func:`pykd.topk_kd_loss` and :func:`pykd.fused_linear_kd_loss`.
     """
     hs, ws, bs, lead = _check_linear("student", student_hidden, student_weight, student_bias)
@@ -163,6 +176,8 @@ def fused_linear_topk_kd_loss(
             divergence="kl",
             beta=0.5,
             tail=tail,
+            logit_map=_checks.logit_map(logit_softcap, logit_scale, teacher=False) + [1.0, 0.0],
+            teacher_vocab_size=teacher_vocab_size,
         ),
         target,
         temperature,
@@ -244,7 +259,9 @@ def _run(
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     lp, idx = teacher["lp"], teacher["idx"]
     if lp is not None:
-        lp, idx = check_topk(lp, idx, lead, V, teacher["tail"], target, ignore_index)
+        lp, idx = check_topk(
+            lp, idx, lead, V, teacher["tail"], target, ignore_index, teacher["teacher_vocab_size"]
+        )
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hs, ws, bs)]
     loss, soft, hard, *_ = torch.ops.pykd.fused_linear_kd_fwd(
@@ -265,6 +282,7 @@ def _run(
         teacher["tail"],
         ignore_index,
         scale_by_t2,
+        teacher["logit_map"],
         reduction,
         need[0],
         need[1],
@@ -313,6 +331,7 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype)
             a["tail"],
             a["ignore_index"],
             a["scale_by_t2"],
+            a["logit_map"][:2],
             reduction,
             compute_grad,
             **extra,
@@ -330,6 +349,7 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype)
         a["beta"],
         a["ignore_index"],
         a["scale_by_t2"],
+        a["logit_map"],
         reduction,
         compute_grad,
         **extra,
@@ -416,7 +436,7 @@ def _cpu_f32_copy(w):
 
 def _args(
     h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-    tail, ignore_index, scale_by_t2, reduction, chunk_size,
+    tail, ignore_index, scale_by_t2, logit_map, reduction, chunk_size,
 ):  # fmt: skip
     return dict(
         h_s=h_s,
@@ -438,6 +458,7 @@ def _args(
         tail=tail,
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
+        logit_map=logit_map,
         reduction=reduction,
         chunk_size=chunk_size,
     )
@@ -462,6 +483,7 @@ def _fused_linear_kd_fwd(
     tail: bool,
     ignore_index: int,
     scale_by_t2: bool,
+    logit_map: list[float],
     reduction: str,
     need_h: bool,
     need_w: bool,
@@ -470,7 +492,7 @@ def _fused_linear_kd_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, soft, hard, grad_h, grad_w, grad_b); the gradients only for "mean"/"sum" (else (0,))."""
     a = _args(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-              tail, ignore_index, scale_by_t2, reduction, chunk_size)  # fmt: skip
+              tail, ignore_index, scale_by_t2, logit_map, reduction, chunk_size)  # fmt: skip
     need = (need_h, need_w, need_b and b_s is not None) if reduction != "none" else (False, False, False)
     return _drive(a, need=need)
 
@@ -495,6 +517,7 @@ def _fused_linear_kd_bwd(
     tail: bool,
     ignore_index: int,
     scale_by_t2: bool,
+    logit_map: list[float],
     need_h: bool,
     need_w: bool,
     need_b: bool,
@@ -502,7 +525,7 @@ def _fused_linear_kd_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction="none" backward: recomputes the logits, scales row r's gradient by dloss[r]."""
     a = _args(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-              tail, ignore_index, scale_by_t2, "none", chunk_size)  # fmt: skip
+              tail, ignore_index, scale_by_t2, logit_map, "none", chunk_size)  # fmt: skip
     need = (need_h, need_w, need_b and b_s is not None)
     _, _, _, gh, gw, gb = _drive(a, need=need, row_scale=dloss.to(torch.float32))
     return gh, gw, gb
@@ -519,7 +542,7 @@ def _grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b):
 
 @_fused_linear_kd_fwd.register_fake
 def _(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta, tail,
-      ignore_index, scale_by_t2, reduction, need_h, need_w, need_b, chunk_size):  # fmt: skip
+      ignore_index, scale_by_t2, logit_map, reduction, need_h, need_w, need_b, chunk_size):  # fmt: skip
     shape = (h_s.shape[0],) if reduction == "none" else ()
     losses = [h_s.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     if reduction == "none":
@@ -529,7 +552,7 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temp
 
 @_fused_linear_kd_bwd.register_fake
 def _(dloss, h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-      tail, ignore_index, scale_by_t2, need_h, need_w, need_b, chunk_size):  # fmt: skip
+      tail, ignore_index, scale_by_t2, logit_map, need_h, need_w, need_b, chunk_size):  # fmt: skip
     return _grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b)
 
 
@@ -537,8 +560,8 @@ def _setup_context(ctx, inputs, output):
     _, soft, hard, gh, gw, gb = output
     ctx.mark_non_differentiable(soft, hard, gh, gw, gb)
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[17]
-    ctx.need = inputs[18:21]
+    ctx.reduction = inputs[18]
+    ctx.need = inputs[19:22]
     ctx.consumed = False
     if ctx.reduction == "none":
         # the recompute needs every input: tensors saved, the rest kept in place
@@ -557,13 +580,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dloss, dsoft, dhard, dgh, dgw, dgb):
     _backend.refuse_double_backward("fused_linear_kd_loss")
-    nones = (None,) * 19
+    nones = (None,) * 20
     if dloss is None:
         return (None, None, None, *nones)
     if ctx.reduction == "none":
         saved = iter(ctx.saved_tensors)
         x = [next(saved) if t else v for t, v in zip(ctx.is_tensor, ctx.static)]
-        gh, gw, gb = torch.ops.pykd.fused_linear_kd_bwd(dloss, *x[:17], *x[18:])
+        gh, gw, gb = torch.ops.pykd.fused_linear_kd_bwd(dloss, *x[:18], *x[19:])
         return (gh if ctx.need[0] else None, gw if ctx.need[1] else None, gb if ctx.need[2] else None, *nones)
     if ctx.consumed:
         raise RuntimeError(

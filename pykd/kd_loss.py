@@ -29,10 +29,12 @@ def kd_loss(
     scale_by_t2: bool = True,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_components: bool = False,
+    logit_softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
 ):
     r"""Knowledge-distillation loss between student and teacher logits, fused with hard-label CE.
 
-    Per row r (z = logits / T, p = softmax(z)):
+    Per row r (z = f(logits) / T, p = softmax(z), f the logit map below):
     ``loss_r = alpha * w * soft_r + (1 - alpha) * hard_r`` with ``w = T**2`` if ``scale_by_t2``
     (Hinton) else 1, and ``w = 1`` for ``"mse"``. ``hard_r = logsumexp(s) - s[y]`` is cross-entropy
     with the target at T = 1.
@@ -41,9 +43,17 @@ def kd_loss(
     -sum p_t log p_s; ``"jsd"`` beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta)
     p_s; ``"tvd"`` 1/2 sum |p_s - p_t|; ``"mse"`` mean_j (s_j - t_j)^2 on raw logits (T unused).
 
+    Logit map f (LLM families, applied inside the kernel, gradient through it): ``f(x) = a x`` with
+    ``a = logit_scale`` (Cohere), then ``c tanh(f(x) / c)`` with ``c = logit_softcap`` (Gemma-2), on
+    student and teacher logits before the temperature; the hard CE and "mse" see f(logits) too. A
+    number applies to both models, a ``(student, teacher)`` pair to each (None: no softcap).
+
     Args:
         student_logits: (..., V) float32/float16/bfloat16.
-        teacher_logits: (..., V), same shape and device; any of those dtypes. Treated as a constant:
+        teacher_logits: (..., V_t), the student's leading shape and device, V_t >= V; any of those
+            dtypes. A larger teacher vocabulary (a padded one) is conditioned on the student's:
+            entries V and above are dropped, the teacher's softmax taken over its first V logits
+            (read in place, no copy). Treated as a constant:
             it never receives a gradient, even with requires_grad=True. Entries of -inf (masked
             vocabulary) are exact for kl, soft_ce, jsd and tvd; reverse_kl and mse are +inf when
             the teacher masks an entry the student does not.
@@ -64,6 +74,8 @@ def kd_loss(
             a 0-d tensor.
         return_components: also return the soft divergence and the hard CE (unweighted, reduced the
             same way, detached) for logging: ``(loss, soft, hard)``.
+        logit_softcap: c > 0, a pair, or None.
+        logit_scale: a > 0, or a pair.
 
     Returns:
         fp32 loss: 0-d, or (...) for ``reduction="none"``.
@@ -82,11 +94,17 @@ def kd_loss(
         raise ValueError(
             f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}"
         )
-    if teacher_logits.shape != student_logits.shape:
+    if (
+        teacher_logits.dim() != student_logits.dim()
+        or teacher_logits.shape[:-1] != student_logits.shape[:-1]
+        or teacher_logits.shape[-1] < student_logits.shape[-1]
+    ):
         raise ValueError(
-            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"teacher_logits must have shape {(*student_logits.shape[:-1], 'V_t')} with V_t >= "
+            f"V={student_logits.shape[-1]} (student_logits' shape {tuple(student_logits.shape)}), "
             f"got {tuple(teacher_logits.shape)}"
         )
+    logit_map = _checks.logit_map(logit_softcap, logit_scale)
     _checks.choice("divergence", divergence, _DIVERGENCES)
     if divergence == "jsd":
         beta = _checks.real("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
@@ -112,7 +130,7 @@ def kd_loss(
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, soft, hard, _ = torch.ops.pykd.kd_loss_fwd(
         student_logits.reshape(-1, V),
-        teacher_logits.detach().reshape(-1, V),
+        teacher_logits.detach()[..., :V].reshape(-1, V),
         None if target is None else target.reshape(-1),
         num_items,
         divergence,
@@ -121,6 +139,7 @@ def kd_loss(
         beta,
         ignore_index,
         scale_by_t2,
+        logit_map,
         reduction,
         compute_grad,
     )
@@ -292,7 +311,7 @@ def row_loss_fake(student, *args):
 if has_cpp():
     torch.library.register_fake("pykd::kd_loss_fwd")(row_loss_fake)
     torch.library.register_fake("pykd::scale_rows_")(lambda x, scale: None)
-    register_row_loss_autograd("kd_loss", target=2, num_items=3, ignore_index=8, reduction=10)
+    register_row_loss_autograd("kd_loss", target=2, num_items=3, ignore_index=8, reduction=11)
     if _backend.HAS_TRITON:
         from .kernels import common as _kcommon
         from .kernels import kd_loss as _kkd

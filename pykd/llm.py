@@ -29,24 +29,64 @@ from .benchmarks.common import commit, device_name, peak_extra_mb
 
 
 def check_lm_head(model, who: str):
-    """The lm_head of a causal LM whose logits are exactly hidden @ W.T (+ b); refuses models that
-    post-process their logits (soft-capping, scaling), which pykd's fused losses would not see."""
+    """The nn.Linear lm_head of a causal LM (its ``get_output_embeddings()``); a ValueError otherwise."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"{who} must be a causal LM whose get_output_embeddings() is an nn.Linear lm_head")
-    cfg = getattr(model, "config", None)
-    for name, neutral in (
-        ("final_logit_softcapping", None),
-        ("logit_scale", 1.0),
-        ("logit_softcapping", None),
-    ):
-        v = getattr(cfg, name, neutral)
-        if v is not None and v != neutral:
-            raise ValueError(
-                f"{who}'s config sets {name}={v}: its logits are not hidden @ lm_head.T, and pykd's fused "
-                "losses do not apply logit soft-capping or scaling yet"
-            )
     return head
+
+
+def logit_map_of(model, who: str) -> tuple[float | None, float]:
+    """(logit_softcap, logit_scale) with which ``model`` turns its lm_head output z into logits,
+    f(z) = c tanh(a z / c) or a z (the fused ops' options): from the config fields the transformers
+    families use (Gemma-2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
+    ``logits_scaling`` = 1 / a), then verified on one short forward (the model's logits against f of
+    its lm_head's output, one pass): a model that post-processes its logits otherwise is refused."""
+    head = check_lm_head(model, who)
+    cfg = getattr(model, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    scale = 1.0 if scale is None else float(scale)
+    granite = getattr(cfg, "logits_scaling", None)
+    if granite is not None:
+        scale = scale / float(granite)
+    cap = None if cap is None else float(cap)
+    vocab = head.out_features
+    device = head.weight.device
+    if device.type == "meta":
+        return cap, scale
+    probe = (torch.arange(8, device=device) * 7919 % vocab)[None]
+    seen = {}
+
+    def keep(module, args, out):
+        seen["z"] = out
+
+    handle = head.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=probe).logits
+    finally:
+        handle.remove()
+    z = seen["z"].float()
+    want = z * scale
+    if cap is not None:
+        want = cap * torch.tanh(want / cap)
+    got = logits.float()
+    # a few roundings of the lm_head's output dtype (the model may compute the map in it)
+    tol = 8 * torch.finfo(seen["z"].dtype).eps * (1.0 + float(got.abs().max()))
+    if got.shape != want.shape or float((got - want).abs().max()) > tol:
+        raise ValueError(
+            f"{who}'s logits are not f(hidden @ lm_head.T) with logit_softcap={cap}, logit_scale={scale} "
+            "(read from its config): it post-processes its logits in a way pykd's fused losses do not know"
+        )
+    return cap, scale
+
+
+def logit_options(student, teacher) -> dict:
+    """``logit_softcap`` / ``logit_scale`` (student, teacher) pairs for the fused ops, from
+    :func:`logit_map_of` of each model."""
+    (s_cap, s_scale), (t_cap, t_scale) = logit_map_of(student, "student"), logit_map_of(teacher, "teacher")
+    return dict(logit_softcap=(s_cap, t_cap), logit_scale=(s_scale, t_scale))
 
 
 class LMHeadTap:
@@ -132,18 +172,20 @@ def load_causal_lm(path: str, *, trust_remote_code: bool, device, who: str):
 
     if not os.path.isdir(path):
         raise SystemExit(f"{who} must be a local model directory, got {path!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-    check_lm_head(model, who)
-    return model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(device)
+    logit_map_of(model, who)  # refuses a model whose logits pykd's fused losses cannot reproduce
+    return model
 
 
 @torch.no_grad()
 def teacher_topk(model, input_ids, attention_mask=None, *, k: int, temperature: float = 1.0,
-                 chunk_rows: int = 4096):  # fmt: skip
+                 chunk_rows: int = 4096, logit_map=None):  # fmt: skip
     """(logprobs (B, T, k) fp32, indices (B, T, k) int64): the top-k of log_softmax(logits / T) at
     each position, from the final hidden states and the lm_head chunk by chunk (at most
-    ``chunk_rows`` x V logits at a time)."""
+    ``chunk_rows`` x V logits at a time). logit_map: the model's (logit_softcap, logit_scale), as
+    :func:`logit_map_of` gives (called here when None)."""
     head = check_lm_head(model, "teacher")
+    cap, scale = logit_map_of(model, "teacher") if logit_map is None else logit_map
     with LMHeadTap(head) as tap:
         model(input_ids=input_ids, attention_mask=attention_mask)
     h = tap.hidden
@@ -153,7 +195,9 @@ def teacher_topk(model, input_ids, attention_mask=None, *, k: int, temperature: 
     b = None if head.bias is None else head.bias.float()
     lps, ixs = [], []
     for i in range(0, h.shape[0], chunk_rows):
-        z = torch.nn.functional.linear(h[i : i + chunk_rows].float(), w, b)
+        z = torch.nn.functional.linear(h[i : i + chunk_rows].float(), w, b) * scale
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
         lp, ix = torch.log_softmax(z / temperature, -1).topk(k, -1)
         lps.append(lp)
         ixs.append(ix)
@@ -171,6 +215,7 @@ def cache_teacher(args) -> str:
         args.teacher, trust_remote_code=args.trust_remote_code, device=device, who="--teacher"
     )
     model.eval()
+    logit_map = logit_map_of(model, "--teacher")
     V = model.get_output_embeddings().out_features
     if not 1 <= args.top_k <= V:
         raise SystemExit(f"--top-k must be in [1, {V}] (the teacher's vocabulary), got {args.top_k}")
@@ -190,7 +235,9 @@ def cache_teacher(args) -> str:
             print(f"resuming {args.output}: {start} of {len(seqs)} sequences already cached")
         for i in tqdm(range(start, len(seqs), args.batch_size), desc="cache-teacher", dynamic_ncols=True):
             batch = torch.stack(seqs[i : i + args.batch_size]).to(device)
-            lp, ix = teacher_topk(model, batch, k=args.top_k, temperature=args.temperature)
+            lp, ix = teacher_topk(
+                model, batch, k=args.top_k, temperature=args.temperature, logit_map=logit_map
+            )
             for b in range(batch.shape[0]):
                 w.add(batch[b].cpu(), lp[b].cpu(), ix[b].cpu())
     print(f"wrote {len(seqs)} sequences x {args.seq_len} tokens, top-{args.top_k}, to {args.output}")
@@ -247,6 +294,7 @@ def evaluate_lm(student, teacher, seqs, device, batch_size: int = 8) -> dict:
     next-token position of ``seqs``, through the fused loss (no logits materialized)."""
     student.eval()
     teacher.eval()
+    maps = logit_options(student, teacher)
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     kl_sum = ce_sum = 0.0
     n = 0
@@ -261,6 +309,7 @@ def evaluate_lm(student, teacher, seqs, device, batch_size: int = 8) -> dict:
             s_tap.hidden.reshape(-1, s_tap.hidden.shape[-1]), s_head.weight,
             t_tap.hidden.reshape(-1, t_tap.hidden.shape[-1]), t_head.weight, target,
             student_bias=s_head.bias, teacher_bias=t_head.bias, reduction="sum", return_components=True,
+            **maps,
         )  # fmt: skip
         kl_sum += float(kl)
         ce_sum += float(ce)
@@ -294,7 +343,7 @@ def distill_lm(args) -> dict:
     train, held = seqs[:-n_held], seqs[-n_held:]
     if args.cache is not None:
         train_ds = kd_data.TeacherCache(args.cache)
-        train_ds.check(tokenizer=tok, teacher_config=teacher.config, vocab_size=student.config.vocab_size)
+        train_ds.check(tokenizer=tok, teacher_config=teacher.config)
         if len(train_ds) > len(train):  # the held-out sequences are the stream's last ones
             raise SystemExit(
                 f"--cache {args.cache} holds {len(train_ds)} sequences, more than the {len(train)} before "

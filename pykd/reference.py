@@ -33,10 +33,15 @@ def kd_loss(
     scale_by_t2=True,
     num_items_in_batch=None,
     return_components=False,
+    logit_softcap=None,
+    logit_scale=1.0,
 ):
     """Reference of :func:`pykd.kd_loss`; computes in the inputs' dtype (pass float64)."""
-    s = student_logits
-    t = teacher_logits.detach()
+    caps = logit_softcap if isinstance(logit_softcap, (tuple, list)) else (logit_softcap,) * 2
+    scales = logit_scale if isinstance(logit_scale, (tuple, list)) else (logit_scale,) * 2
+    s = logit_map(student_logits, caps[0], scales[0])
+    V = s.shape[-1]
+    t = logit_map(teacher_logits.detach()[..., :V], caps[1], scales[1])
     T = float(temperature)
     if alpha is None:
         alpha = 0.5 if target is not None else 1.0
@@ -65,6 +70,12 @@ def kd_loss(
         raise ValueError(divergence)
     w = 1.0 if (divergence == "mse" or not scale_by_t2) else T * T
     return _combine(soft, s, target, alpha, w, ignore_index, reduction, num_items_in_batch, return_components)
+
+
+def logit_map(x, softcap=None, scale=1.0):
+    """f(x) = c tanh(a x / c) (softcap c), else a x."""
+    x = x * scale
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
 def _combine(soft, s, target, alpha, w, ignore_index, reduction, num_items_in_batch, return_components):
@@ -109,14 +120,24 @@ def topk_kd_loss(
     scale_by_t2=True,
     num_items_in_batch=None,
     return_components=False,
+    teacher_vocab_size=None,
+    logit_softcap=None,
+    logit_scale=1.0,
 ):
     """Reference of :func:`pykd.topk_kd_loss`: forward KL from the teacher's top-K log-probabilities."""
-    s = student_logits
+    s = logit_map(student_logits, logit_softcap, logit_scale)
     T = float(temperature)
     if alpha is None:
         alpha = 0.5 if target is not None else 1.0
     lp = teacher_topk_logprobs.detach().to(s.dtype)
     idx = teacher_topk_indices
+    V = s.shape[-1]
+    kept = idx < V  # ids >= V (a larger teacher vocabulary) are dropped; a tail renormalizes the rest
+    if tail:
+        d = torch.where(kept, 0, lp.exp()).sum(-1, keepdim=True)
+        lp = lp - torch.log1p(-torch.where((d > 0) & (d < 1), d, 0))
+    lp = lp.masked_fill(~kept, float("-inf"))
+    idx = torch.where(kept, idx, 0)
     if target is not None:  # ignored rows may hold anything; give them a harmless teacher
         keep = (target != ignore_index)[..., None]
         idx = torch.where(keep, idx, torch.arange(idx.shape[-1], device=idx.device))
@@ -126,7 +147,7 @@ def topk_kd_loss(
     if tail:
         pk = lp.exp()
         soft = _xlogy_safe(pk, lp - log_qk).sum(-1)
-        in_k = torch.zeros_like(s, dtype=torch.bool).scatter(-1, idx, True)
+        in_k = torch.zeros_like(s, dtype=torch.int64).scatter_add(-1, idx, kept.long()) > 0
         # a tail bucket needs keys outside K where the student has mass
         has_tail = (~in_k & (log_q > float("-inf"))).any(-1)
         # Rows without a tail get a dummy row, so logsumexp's gradient stays finite there.

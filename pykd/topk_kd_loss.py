@@ -28,11 +28,15 @@ def topk_kd_loss(
     scale_by_t2: bool = True,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_components: bool = False,
+    teacher_vocab_size: int | None = None,
+    logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
 ):
     r"""Forward KL from a teacher known only by its top-K log-probabilities (an inference server's
     logprobs, an offline dump), fused with hard-label CE.
 
-    Per row, q = softmax(s / T) over the full vocabulary, p_k = exp(teacher_topk_logprobs_k):
+    Per row, q = softmax(f(s) / T) over the full vocabulary (f the student's logit map, as in
+    :func:`pykd.kd_loss`; the teacher's log-probs are used as given), p_k = exp(teacher_topk_logprobs_k):
 
     - ``tail=True``: KL over the K entries plus one tail bucket,
       ``sum_k p_k log(p_k / q_k) + P log(P / Q)`` with P = 1 - sum_k p_k (clamped at 0) the
@@ -50,13 +54,21 @@ def topk_kd_loss(
         teacher_topk_logprobs: (..., K) float, the teacher's log-probabilities **at the distillation
             temperature** (log_softmax(t / T), as dumped): T divides only the student's logits.
             Entries of -inf are probability 0. Treated as a constant (never gets a gradient).
-        teacher_topk_indices: (..., K) int64 vocabulary indices in [0, V), distinct within a row, in
-            any order; 1 <= K <= V. Rows whose target is ``ignore_index`` are not checked (padding
+        teacher_topk_indices: (..., K) int64 vocabulary indices in [0, V) (or [0,
+            teacher_vocab_size)), distinct within a row, in any order; 1 <= K <= V (or
+            teacher_vocab_size). Rows whose target is ``ignore_index`` are not checked (padding
             positions of a dump may hold anything).
         target: optional (...) int64 class indices or ``ignore_index``.
         temperature, alpha, ignore_index, reduction, scale_by_t2, num_items_in_batch,
         return_components: as in :func:`pykd.kd_loss`.
         tail: add the tail bucket (True) or renormalize the teacher over K (False).
+        teacher_vocab_size: the teacher's vocabulary when it is larger than the student's V (a padded
+            one). Entries at indices >= V are dropped and the teacher conditioned on the student's
+            vocabulary: with ``tail=True`` the kept probabilities are divided by 1 - (the dropped
+            top-K mass), the tail holding the rest (teacher mass at ids >= V outside the top K is
+            unknown and stays in it); with ``tail=False`` the renormalization over K leaves them out.
+        logit_softcap, logit_scale: the student's logit map, one number each (see
+            :func:`pykd.kd_loss`).
 
     Returns:
         fp32 loss: 0-d, or (...) for ``reduction="none"``; ``(loss, soft, hard)`` with
@@ -89,7 +101,10 @@ def topk_kd_loss(
         num_items_in_batch=num_items_in_batch,
         return_components=return_components,
     )
-    lp, idx = check_topk(teacher_topk_logprobs, teacher_topk_indices, lead, V, tail, target, ignore_index)
+    logit_map = _checks.logit_map(logit_softcap, logit_scale, teacher=False)
+    lp, idx = check_topk(
+        teacher_topk_logprobs, teacher_topk_indices, lead, V, tail, target, ignore_index, teacher_vocab_size
+    )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, soft, hard, _ = torch.ops.pykd.topk_kd_loss_fwd(
         student_logits.reshape(-1, V),
@@ -102,6 +117,7 @@ def topk_kd_loss(
         tail,
         ignore_index,
         scale_by_t2,
+        logit_map,
         reduction,
         compute_grad,
     )
@@ -112,11 +128,16 @@ def topk_kd_loss(
     return loss
 
 
-def check_topk(lp, idx, lead, V, tail, target, ignore_index):
-    """Checks the teacher's top-K tensors against rows ``lead`` and vocabulary V; returns them as
-    (rows, K) with each row's indices sorted ascending (the kernels' contract) and the log-probs
-    permuted alike."""
+def check_topk(lp, idx, lead, V, tail, target, ignore_index, teacher_vocab_size=None):
+    """Checks the teacher's top-K tensors against rows ``lead`` and vocabulary V (indices up to
+    teacher_vocab_size when given); returns them as (rows, K) with each row's indices sorted ascending
+    (the kernels' contract: indices >= V come last and are dropped) and the log-probs permuted alike."""
     _checks.boolean("tail", tail)
+    V_t = V
+    if teacher_vocab_size is not None:
+        V_t = _checks.integer("teacher_vocab_size", teacher_vocab_size)
+        if V_t < V:
+            raise ValueError(f"teacher_vocab_size must be at least the student's vocabulary V={V}, got {V_t}")
     if idx.dtype != torch.int64:
         raise TypeError(f"teacher_topk_indices must be int64 (torch.long), got {idx.dtype}")
     if lp.dim() < 1 or lp.shape[:-1] != lead:
@@ -125,8 +146,9 @@ def check_topk(lp, idx, lead, V, tail, target, ignore_index):
             f"got {tuple(lp.shape)}"
         )
     K = lp.shape[-1]
-    if not 1 <= K <= V:
-        raise ValueError(f"teacher_topk_logprobs must have 1 <= K <= V={V} entries per row, got K={K}")
+    if not 1 <= K <= V_t:
+        bound = f"V={V}" if V_t == V else f"teacher_vocab_size={V_t}"
+        raise ValueError(f"teacher_topk_logprobs must have 1 <= K <= {bound} entries per row, got K={K}")
     if idx.shape != lp.shape:
         raise ValueError(
             f"teacher_topk_indices must have the shape of teacher_topk_logprobs {tuple(lp.shape)}, "
@@ -137,7 +159,7 @@ def check_topk(lp, idx, lead, V, tail, target, ignore_index):
     lp = lp.gather(-1, perm)
     if not torch.compiler.is_compiling() and lp.numel():
         rows = target.reshape(-1) != ignore_index if target is not None else None
-        _check_topk_values(lp, idx, V, tail, rows)
+        _check_topk_values(lp, idx, V_t, tail, rows)
     return lp, idx
 
 
@@ -153,7 +175,10 @@ def _check_topk_values(lp, idx, V, tail, rows):
         flags = flags & rows
     any_range, any_dup, any_lp = flags.any(-1).tolist()  # one host sync for all checks
     if any_range:
-        raise ValueError(f"teacher_topk_indices must be in [0, {V}), found {idx[flags[0]][0].tolist()}")
+        raise ValueError(
+            f"teacher_topk_indices must be in [0, {V}), found {idx[flags[0]][0].tolist()} (a teacher with a "
+            "larger vocabulary than the student's: pass teacher_vocab_size)"
+        )
     if any_dup:
         raise ValueError("teacher_topk_indices must be distinct within a row, found a repeated index")
     if any_lp:
@@ -165,7 +190,7 @@ def _check_topk_values(lp, idx, V, tail, rows):
 
 if has_cpp():
     torch.library.register_fake("pykd::topk_kd_loss_fwd")(row_loss_fake)
-    register_row_loss_autograd("topk_kd_loss", target=3, num_items=4, ignore_index=8, reduction=10)
+    register_row_loss_autograd("topk_kd_loss", target=3, num_items=4, ignore_index=8, reduction=11)
     if _backend.HAS_TRITON:
         from .kernels import topk_kd_loss as _ktopk
 

@@ -68,15 +68,15 @@ def compile_all(arch: int) -> int:
             "soft_ptr": "*fp32", "hard_ptr": "*fp32", "R": "i32", "V": "i32", "stride_s": "i32",
             "stride_t": "i32", "stride_g": "i32", "inv_t": "fp32", "alpha_w": "fp32",
             "one_minus_alpha": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1mb": "fp32",
-            "ignore_index": "i32",
+            "ignore_index": "i32", "s_scale": "fp32", "s_cap": "fp32", "t_scale": "fp32", "t_cap": "fp32",
         }  # fmt: skip
         for V in (50, 32000, 128256):
             block_v, num_warps = kd_loss.launch_config(V)
             for div in range(len(common.DIVERGENCES)):
                 for has_target, same_t, grad in ((True, False, True), (False, True, False)):
-                    cst = dict(
-                        DIV=div, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad, BLOCK_V=block_v
-                    )
+                    # the soft-cap (tanh) path compiled with the target variant
+                    cst = dict(DIV=div, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
+                               S_CAP=has_target, T_CAP=has_target, BLOCK_V=block_v)  # fmt: skip
                     src = ASTSource(
                         fn=kd_loss._kd_loss_kernel,
                         signature=dict(sig, **{k: "constexpr" for k in cst}),
@@ -128,12 +128,12 @@ def compile_topk(target) -> int:
             "s_ptr": p, "lp_ptr": "*fp32", "idx_ptr": "*i64", "target_ptr": "*i64", "scale_ptr": "*fp32",
             "g_ptr": p, "soft_ptr": "*fp32", "hard_ptr": "*fp32", "R": "i32", "V": "i32", "K": "i32",
             "stride_s": "i32", "stride_k": "i32", "stride_g": "i32", "inv_t": "fp32", "alpha_w": "fp32",
-            "one_minus_alpha": "fp32", "ignore_index": "i32",
+            "one_minus_alpha": "fp32", "ignore_index": "i32", "s_scale": "fp32", "s_cap": "fp32",
         }  # fmt: skip
         for tail in (True, False):
             for has_target, same_t, grad in ((True, False, True), (False, True, False)):
                 cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
-                           BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW)  # fmt: skip
+                           BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW, S_CAP=has_target)  # fmt: skip
                 src = ASTSource(
                     fn=K._topk_kd_loss_kernel,
                     signature=dict(sig, **{k: "constexpr" for k in cst}),

@@ -65,16 +65,18 @@ def logits_ops(R, V, layout):
     t = view(leaf(layout, (R, V), 2.0), layout, (R, V)).detach()
     lp, idx = torch.log_softmax(t, -1).topk(K, -1)
     y = torch.randint(0, V, (R,))
-    ht, wt = torch.randn(R, 6), torch.randn(V, 6)
+    ht, wt = torch.randn(R, 6), torch.randn(V + 3, 6)  # a padded teacher vocabulary
     s = leaf(layout, (R, V), 2.0)
     h, w = leaf(layout, (R, H)), leaf("contiguous", (V, H))
+    cap = dict(logit_softcap=5.0, logit_scale=0.9)  # the LLM options trace too
     return [
         ("kd_loss", lambda s: pykd.kd_loss(view(s, layout, (R, V)), t, y, temperature=2.0), [s]),
-        ("topk_kd_loss", lambda s: pykd.topk_kd_loss(view(s, layout, (R, V)), lp, idx, y), [s]),
+        ("topk_kd_loss", lambda s: pykd.topk_kd_loss(view(s, layout, (R, V)), lp, idx, y, **cap), [s]),
         ("fused_linear_kd_loss",
-         lambda h, w: pykd.fused_linear_kd_loss(view(h, layout, (R, H)), w, ht, wt, y), [h, w]),
+         lambda h, w: pykd.fused_linear_kd_loss(view(h, layout, (R, H)), w, ht, wt, y, **cap), [h, w]),
         ("fused_linear_topk_kd_loss",
-         lambda h, w: pykd.fused_linear_topk_kd_loss(view(h, layout, (R, H)), w, lp, idx, y), [h, w]),
+         lambda h, w: pykd.fused_linear_topk_kd_loss(view(h, layout, (R, H)), w, lp, idx, y,
+                                                     teacher_vocab_size=V + 3), [h, w]),
     ]  # fmt: skip
 
 
@@ -200,5 +202,6 @@ def test_opcheck_non_contiguous_inputs():
     s = torch.randn(17, 5).t().requires_grad_()  # (5, 17), column-major
     t = torch.randn(17, 5).t()
     torch.library.opcheck(
-        ops.kd_loss_fwd.default, (s, t, None, None, "kl", 2.0, 1.0, 0.5, -100, True, "mean", True)
+        ops.kd_loss_fwd.default,
+        (s, t, None, None, "kl", 2.0, 1.0, 0.5, -100, True, [1.0, 0.0, 1.0, 0.0], "mean", True),
     )

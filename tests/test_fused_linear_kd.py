@@ -213,6 +213,30 @@ def test_topk_gradient_when_teacher_mass_is_not_one(backend, tail):
     check(backend, x, topk=(lp, idx), tail=tail, temperature=2.0, chunk_size=4)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "mse"])
+@pytest.mark.parametrize("reduction,chunk_size", [("mean", 4), ("none", 5)])
+def test_logit_map_and_padded_teacher(backend, divergence, reduction, chunk_size):
+    """logit_softcap / logit_scale on each chunk's logits (per model), and a teacher lm_head with a
+    larger (padded) vocabulary whose extra rows are dropped."""
+    x = make(13, 24, 37, Ht=20, device=backend.device)
+    wide = make(13, 24, 45, Ht=20, device=backend.device)
+    x["wt"], x["bt"] = wide["wt"], wide["bt"] * 3  # rows 37..44 must not leak into the loss
+    check(backend, x, divergence=divergence, temperature=2.0, reduction=reduction, chunk_size=chunk_size,
+          logit_softcap=(5.0, 4.0), logit_scale=(1.0, 0.8))  # fmt: skip
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_topk_logit_map_and_teacher_vocab_size(backend, tail):
+    x = make(11, 16, 41, device=backend.device)
+    t = torch.randn(11, 50) * 2
+    t[:, 41:] += 2.0
+    lp, idx = torch.log_softmax(t, -1).topk(6, -1)
+    assert (idx >= 41).any()
+    topk = (lp.to(backend.device), idx.to(backend.device))
+    check(backend, x, topk=topk, tail=tail, temperature=2.0, chunk_size=4, teacher_vocab_size=50,
+          logit_softcap=6.0, logit_scale=0.9)  # fmt: skip
+
+
 def test_no_bias_and_default_chunk(backend):
     x = make(9, 16, 29, device=backend.device, bias=False, teacher_bias=False)
     check(backend, x, temperature=2.0)
@@ -385,8 +409,48 @@ def test_opcheck(backend):
     kd = (x["ht"], x["wt"], x["bt"], None, None)
     tk = (None, None, None, lp, idx)
     cases = [
-        (h, w, b, *kd, x["y"], None, "kl", 2.0, 0.5, 0.5, False, -100, True, "mean", True, True, True, 3),
-        (h, w, None, *kd, None, None, "jsd", 1.0, 1.0, 0.3, False, -100, True, "sum", True, False, False, 4),
+        (
+            h,
+            w,
+            b,
+            *kd,
+            x["y"],
+            None,
+            "kl",
+            2.0,
+            0.5,
+            0.5,
+            False,
+            -100,
+            True,
+            [1.0, 5.0, 1.0, 0.0],
+            "mean",
+            True,
+            True,
+            True,
+            3,
+        ),
+        (
+            h,
+            w,
+            None,
+            *kd,
+            None,
+            None,
+            "jsd",
+            1.0,
+            1.0,
+            0.3,
+            False,
+            -100,
+            True,
+            [1.0, 0.0, 1.0, 0.0],
+            "sum",
+            True,
+            False,
+            False,
+            4,
+        ),
         (
             h,
             w,
@@ -401,6 +465,7 @@ def test_opcheck(backend):
             True,
             -100,
             False,
+            [0.5, 0.0, 1.0, 0.0],
             "none",
             True,
             True,
@@ -413,7 +478,7 @@ def test_opcheck(backend):
             torch.library.opcheck(torch.ops.pykd.fused_linear_kd_fwd.default, args)
         dloss = torch.rand(7, device=backend.device)
         bwd = (dloss, x["h"], x["w"], x["b"], *kd, x["y"], None, "kl", 2.0, 0.5, 0.5, False, -100, True,
-               True, True, True, 3)  # fmt: skip
+               [1.0, 5.0, 1.0, 0.0], True, True, True, 3)  # fmt: skip
         torch.library.opcheck(torch.ops.pykd.fused_linear_kd_bwd.default, bwd)
 
 
@@ -434,11 +499,13 @@ WT = torch.zeros(10, 6)
         ((H_, torch.zeros(10, 7), HT, WT), {}, ValueError, r"student_weight must have shape \(V, 8\)"),
         ((H_, W_, HT, torch.zeros(10, 5)), {}, ValueError, r"teacher_weight must have shape \(V, 6\)"),
         (
-            (H_, W_, HT, torch.zeros(11, 6)),
+            (H_, W_, HT, torch.zeros(9, 6)),
             {},
             ValueError,
-            "teacher_weight must have the student's vocabulary",
+            "teacher_weight must have at least the student's vocabulary V=10 rows",
         ),
+        ((H_, W_, HT, WT), {"logit_softcap": 0.0}, ValueError, "logit_softcap must be a finite number"),
+        ((H_, W_, HT, WT), {"logit_scale": (1.0, -1.0)}, ValueError, r"logit_scale\[1\] must be"),
         ((H_, W_, torch.zeros(3, 6), WT), {}, ValueError, "teacher_hidden must have the student's leading"),
         (
             (H_, W_, HT, WT),
@@ -470,6 +537,7 @@ def test_bad_input(args, kwargs, exc, match):
             torch.tensor([[0, 1, 2]] * 3),
             "teacher_topk_logprobs must have shape",
         ),
+        (torch.log(torch.full((4, 3), 0.2)), torch.tensor([[0, 1, 10]] * 4), "pass teacher_vocab_size"),
     ],
 )
 def test_topk_bad_input(lp, idx, match):

@@ -216,6 +216,75 @@ def test_both_neg_inf(backend):
         assert_close(grad, rg, name=f"{div} grad")
 
 
+# ------------------------------------------------------------------ LLM families' options
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize(
+    "softcap,scale",
+    [(5.0, 1.0), (None, 0.3), ((4.0, None), (1.0, 0.5)), ((None, 2.5), 1.0), (30.0, (0.8, 1.25))],
+)
+def test_logit_map(backend, divergence, softcap, scale):
+    """logit_softcap / logit_scale (Gemma-2, Cohere) match the reference on f(logits), gradient
+    through f, with the hard CE on f(logits) too."""
+    s, t, y = make((3, 5, 37), device=backend.device, ignore_frac=0.2)
+    check(backend, s, t, y, divergence=divergence, temperature=1.5, logit_softcap=softcap, logit_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logit_map_low_precision(backend, dtype):
+    s, t, y = make((4, 45), dtype=dtype, device=backend.device)
+    check(backend, s, t, y, temperature=2.0, logit_softcap=4.0, logit_scale=(1.0, 0.7))
+
+
+def test_softcap_tanh_digits(backend):
+    """The kernels' tanh keeps its relative digits near 0 (a Taylor branch) and across |x| = c / 4
+    where it switches, and saturates at +-inf: f(+inf) = c with f' = 0 there, f(-inf) = -c."""
+    c = 8.0
+    s = torch.cat([torch.logspace(-6, 0, 20), torch.linspace(0.2, 0.3, 20) * c, torch.tensor([50.0, 1e4])])
+    s = torch.stack([s, -s, s.flip(0)])
+    t = torch.randn_like(s)
+    s[2, 3] = float("inf")
+    s[1, 5] = float("-inf")
+    loss, grad = check(backend, s, t, None, logit_softcap=c, divergence="kl")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # soft_ce grows with log-ratio terms of size |z|: a relative check of the small logits' gradient
+    leaf = s[:1, :20].clone().requires_grad_(True)
+    with backend():
+        pykd.kd_loss(leaf, torch.zeros_like(leaf), divergence="mse", logit_softcap=c).backward()
+    x = s[:1, :20].double()
+    expect = 2 * c * torch.tanh(x / c) * (1 - torch.tanh(x / c) ** 2) / 20
+    assert_close(leaf.grad, expect, rtol=2e-6, atol=0.0, name="mse grad at tiny logits")
+
+
+def test_logit_map_nan_and_identity(backend):
+    s, t, y = make((4, 23), device=backend.device)
+    s[1, 3] = float("nan")
+    with backend():
+        out = pykd.kd_loss(s, t, y, reduction="none", logit_softcap=3.0)
+        plain = pykd.kd_loss(s, t, y, reduction="none")
+        same = pykd.kd_loss(s, t, y, reduction="none", logit_softcap=None, logit_scale=(1.0, 1.0))
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+    torch.testing.assert_close(same, plain, rtol=0, atol=0, equal_nan=True)  # scale 1: bitwise the same
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "mse"])
+def test_larger_teacher_vocab(backend, divergence):
+    """A padded teacher vocabulary (V_t > V) is conditioned on the student's: its first V logits,
+    read in place."""
+    s, _, y = make((2, 3, 29), device=backend.device, ignore_frac=0.2)
+    t = torch.randn(2, 3, 40, device=backend.device) * 3
+    t[..., 29:] += 5.0  # mass on the padding that must not leak into the loss
+    check(backend, s, t, y, divergence=divergence, temperature=2.0, logit_softcap=(None, 6.0))
+    with backend():
+        wide = pykd.kd_loss(s, t, y, divergence=divergence, reduction="none")
+        sliced = pykd.kd_loss(s, t[..., :29].contiguous(), y, divergence=divergence, reduction="none")
+        with torch.profiler.profile() as prof:
+            pykd.kd_loss(s, t, y, divergence=divergence)
+    torch.testing.assert_close(wide, sliced, rtol=0, atol=0)
+    assert "aten::clone" not in [e.name for e in prof.events()]  # as test_edges.py::test_logits_layouts
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("divergence", DIVS)
 def test_low_precision(backend, dtype, divergence):
@@ -294,7 +363,19 @@ def test_poison_switch_poisons():
         # The op itself (C++ on CPU): with V = 0 (which the public API rejects) the kernel has
         # nothing to write, so its per-row outputs come back as allocated: poisoned.
         out = torch.ops.pykd.kd_loss_fwd(
-            torch.zeros(2, 0), torch.zeros(2, 0), None, None, "kl", 1.0, 1.0, 0.5, -100, True, "none", True
+            torch.zeros(2, 0),
+            torch.zeros(2, 0),
+            None,
+            None,
+            "kl",
+            1.0,
+            1.0,
+            0.5,
+            -100,
+            True,
+            [1.0, 0.0, 1.0, 0.0],
+            "none",
+            True,
         )
         assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
     finally:
@@ -309,6 +390,12 @@ def test_module(backend):
     b = reference.kd_loss(s.double(), t.double(), y, divergence="jsd", temperature=2.0, reduction="sum")
     assert_close(a, b, rtol=2e-5, atol=1e-5)
     assert "jsd" in repr(mod)
+    capped = pykd.nn.KDLoss(temperature=2.0, logit_softcap=(3.0, 5.0), logit_scale=(1.0, 0.5))
+    with backend():
+        a = capped(s, t, y)
+    b = reference.kd_loss(s.double(), t.double(), y, temperature=2.0, logit_softcap=(3.0, 5.0),
+                          logit_scale=(1.0, 0.5))  # fmt: skip
+    assert_close(a, b, rtol=2e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ properties
@@ -325,6 +412,7 @@ def test_module(backend):
     reduction=st.sampled_from(["mean", "sum", "none"]),
     ignore_frac=st.sampled_from([0.0, 0.5, 1.0]),
     scale=st.sampled_from([0.1, 3.0, 30.0]),
+    softcap=st.sampled_from([None, None, 2.0, 20.0]),
 )
 def test_property(
     backend,
@@ -338,6 +426,7 @@ def test_property(
     reduction,
     ignore_frac,
     scale,
+    softcap,
 ):
     if alpha is not None and alpha < 1 and not with_target:
         alpha = None
@@ -356,6 +445,7 @@ def test_property(
         t,
         y,
         go,
+        logit_softcap=softcap,
         divergence=divergence,
         temperature=temperature,
         alpha=alpha,
@@ -394,10 +484,10 @@ def test_opcheck(backend):
     sg = s.clone().requires_grad_(True)
     n = torch.tensor(7.0)
     cases = [
-        (sg, t, y, None, "kl", 2.0, 0.5, 0.5, -100, True, "mean", True),
-        (sg, t, None, None, "jsd", 1.0, 1.0, 0.3, -100, True, "sum", True),
-        (sg, t, y, n, "tvd", 1.5, 0.2, 0.5, -100, False, "mean", True),
-        (s, t, y, None, "mse", 1.0, 0.5, 0.5, -100, True, "none", False),
+        (sg, t, y, None, "kl", 2.0, 0.5, 0.5, -100, True, [1.0, 0.0, 1.0, 0.0], "mean", True),
+        (sg, t, None, None, "jsd", 1.0, 1.0, 0.3, -100, True, [1.0, 4.0, 1.0, 6.0], "sum", True),
+        (sg, t, y, n, "tvd", 1.5, 0.2, 0.5, -100, False, [0.5, 0.0, 2.0, 0.0], "mean", True),
+        (s, t, y, None, "mse", 1.0, 0.5, 0.5, -100, True, [1.0, 3.0, 1.0, 3.0], "none", False),
     ]
     with backend():
         for args in cases:
@@ -422,7 +512,20 @@ Y = torch.zeros(4, dtype=torch.long)
         ((S.long(), T), {}, TypeError, "student_logits must be float32"),
         ((S.double(), T), {}, TypeError, "student_logits must be float32"),
         ((S, T.int()), {}, TypeError, "teacher_logits must be float32"),
-        ((S, torch.zeros(4, 11)), {}, ValueError, "teacher_logits must have the shape"),
+        (
+            (S, torch.zeros(4, 9)),
+            {},
+            ValueError,
+            r"teacher_logits must have shape \(4, 'V_t'\) with V_t >= V=10",
+        ),
+        ((S, torch.zeros(5, 10)), {}, ValueError, "teacher_logits must have shape"),
+        ((S, T), {"logit_softcap": 0.0}, ValueError, r"logit_softcap must be a finite number in \(0"),
+        ((S, T), {"logit_softcap": float("inf")}, ValueError, "logit_softcap"),
+        ((S, T), {"logit_softcap": (1.0, 2.0, 3.0)}, ValueError, "logit_softcap must be a number or a"),
+        ((S, T), {"logit_softcap": (1.0, -2.0)}, ValueError, r"logit_softcap\[1\] must be"),
+        ((S, T), {"logit_scale": 0.0}, ValueError, r"logit_scale must be a finite number in \(0"),
+        ((S, T), {"logit_scale": None}, TypeError, "logit_scale must be a real number"),
+        ((S, T), {"logit_scale": (1.0, "2")}, TypeError, r"logit_scale\[1\] must be a real number"),
         ((torch.zeros(4, 0), torch.zeros(4, 0)), {}, ValueError, "V >= 1"),
         ((S, T, Y.int()), {}, TypeError, "target must be int64"),
         ((S, T, torch.zeros(4, 1, dtype=torch.long)), {}, ValueError, "target must have shape"),

@@ -20,23 +20,9 @@ from pykd.llm import shift_targets
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-
+from ddp_trainer_worker import tiny as _tiny_llama  # noqa: E402  (needs transformers)
 
 # ------------------------------------------------------------------ the tiny teacher
-
-
-def _tiny_llama(vocab, layers, seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="session")
@@ -168,8 +154,6 @@ def test_cache_refuses_unsafe_or_foreign_files(tmp_path):
     tok = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}, special_tokens_map={})
     with pytest.raises(ValueError, match="another tokenizer"):
         cache.check(tokenizer=tok)
-    with pytest.raises(ValueError, match="larger than the student"):
-        cache.check(vocab_size=4)
     with pytest.raises(FileNotFoundError):
         kd_data.TeacherCache(tmp_path / "nothing")
 
@@ -363,18 +347,76 @@ def test_trainer_refuses_what_it_cannot_serve(teacher_dir, tmp_path):
     student = _tiny_llama(teacher.config.vocab_size, 1, 1)
     with pytest.raises(ValueError, match="teacher_model"):
         _trainer(student)
-    with pytest.raises(ValueError, match="vocabulary"):
-        _trainer(_tiny_llama(100, 1, 1), teacher)
+    with pytest.raises(ValueError, match="smaller than the student's"):
+        _trainer(_tiny_llama(teacher.config.vocab_size + 1, 1, 1), teacher)
+    # a config field its forward ignores: the probe sees logits that are not the map of the lm_head's
     capped = _tiny_llama(teacher.config.vocab_size, 1, 1)
     capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="soft-capping"):
+    with pytest.raises(ValueError, match="post-processes its logits"):
         _trainer(capped, teacher)
-    with kd_data.TeacherCacheWriter(tmp_path, k=2, meta={"vocab_size": 99999, "temperature": 1.0}) as w:
-        w.add(torch.tensor([1, 2]), torch.zeros(2, 2), torch.tensor([[0, 1], [0, 1]]))
-    with pytest.raises(ValueError, match="larger than the student"):
-        _trainer(student, dataset=kd_data.TeacherCache(tmp_path))
     with pytest.raises(ValueError, match="kd_alpha"):
         _trainer(student, teacher, kd_alpha=1.5)
+    with pytest.raises(ValueError, match="kd_logit_softcap"):
+        _trainer(student, teacher, kd_logit_softcap=0.0)
+
+
+def _family(name, vocab, **cfg):
+    """A tiny model of a family whose logits are post-processed (Gemma-2 soft-cap, Cohere scale)."""
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=vocab, **cfg)  # fmt: skip
+    if name == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small))
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**small))
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_trainer_soft_capped_scaled_and_padded(tmp_path, offline):
+    """A Cohere-style student (logit_scale) against a Gemma-2-style teacher (final logit soft-cap) with
+    a larger, padded vocabulary: the trainer's loss and gradients equal the KD loss on the models'
+    own logits (their forward applies the map), the teacher conditioned on the student's vocabulary."""
+    torch.manual_seed(0)
+    V, V_t, T, k = 96, 160, 1.5, 8
+    student = _family("cohere", V, logit_scale=3.0)
+    teacher = _family("gemma2", V_t, final_logit_softcapping=0.3)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(40.0)  # logits of a few units: the cap bites (|z| >> 0.3)
+        teacher.lm_head.weight[V:] += 0.5  # and the padding rows hold real mass
+    ids = torch.randint(0, V, (2, 9))
+    items = [{"input_ids": ids[0]}, {"input_ids": ids[1, :7]}]
+    dataset = None
+    if offline:
+        from pykd.llm import teacher_topk
+
+        with kd_data.TeacherCacheWriter(tmp_path, k=k, meta={"vocab_size": V_t, "temperature": T}) as w:
+            for it in items:
+                lp, ix = teacher_topk(teacher, it["input_ids"][None], k=k, temperature=T)
+                w.add(it["input_ids"], lp[0], ix[0])
+        dataset = kd_data.TeacherCache(tmp_path)
+        items = [dataset[i] for i in range(2)]
+        assert any((it["teacher_topk_indices"] >= V).any() for it in items)
+    tr = _trainer(student, None if offline else teacher, dataset, kd_temperature=T, kd_alpha=0.6)
+    batch = kd_data.collate(items)
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    student.zero_grad()
+    tr.compute_loss(student, batch, num_items_in_batch=n_items).backward()
+    got = student.lm_head.weight.grad.clone()
+
+    student.zero_grad()
+    mask = batch["attention_mask"]
+    s = student(input_ids=batch["input_ids"], attention_mask=mask).logits.double().reshape(-1, V)
+    target = shift_targets(batch["labels"])
+    opts = dict(temperature=T, alpha=0.6, num_items_in_batch=n_items)
+    if offline:
+        lp = batch["teacher_topk_logprobs"].reshape(-1, k).double()
+        ix = batch["teacher_topk_indices"].reshape(-1, k)
+        ref = reference.topk_kd_loss(s, lp, ix, target, teacher_vocab_size=V_t, **opts)
+    else:
+        with torch.no_grad():
+            t = teacher(input_ids=batch["input_ids"], attention_mask=mask).logits.double().reshape(-1, V_t)
+        assert t.abs().max() <= 0.3 + 1e-6 and (t[:, V:].exp().sum(-1) > 0.2 * t.exp().sum(-1)).any()
+        ref = reference.kd_loss(s, t, target, **opts)
+    ref.backward()
+    assert_close(got, student.lm_head.weight.grad, rtol=1e-4, atol=1e-5, name="lm_head grad")
 
 
 # ------------------------------------------------------------------ the commands
@@ -466,3 +508,32 @@ def test_jsonl_lines_keep_their_order(tmp_path):
     path.write_text('{"text": "aa bbb"}\n{"input_ids": [7, 8]}\n\n{"text": "c"}\n')
     seqs = token_sequences(tok, data=str(path), corpus=None, seq_len=3)
     assert torch.cat(seqs).tolist() == [2, 3, 0, 7, 8, 0]  # then 1, 0: too few for a third sequence
+
+
+def test_trainer_ddp_matches_one_process(tmp_path):
+    """Two gloo processes under torchrun (2 sequences each) take the same optimizer step as one
+    process with all 4: the loss is normalized by the global token count and DDP's gradient average
+    is undone (SGD with lr 1, so the step is the gradient itself)."""
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "ddp_trainer_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        "one": [sys.executable, worker, "--per-device", "4"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                worker, "--per-device", "2"],
+    }  # fmt: skip
+    out = {}
+    for name, cmd in runs.items():
+        path = str(tmp_path / f"{name}.pt")
+        r = subprocess.run(cmd + ["--out", path], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = torch.load(path)
+    assert (out["one"]["world"], out["two"]["world"]) == (1, 2)
+    init = _tiny_llama(80, 1, 1)
+    for key, w0 in (("lm_head", init.lm_head.weight), ("embed", init.model.embed_tokens.weight)):
+        step = out["one"][key] - w0.detach()
+        assert step.abs().max() > 1e-3, key  # the step is not trivially zero
+        assert_close(out["two"][key] - w0.detach(), step, rtol=1e-4, atol=1e-7, name=key)

@@ -320,10 +320,10 @@ def test_opcheck(backend):
     lp = lp.gather(-1, perm)
     sg = s.clone().requires_grad_(True)
     cases = [
-        (sg, lp, idx, y, None, 2.0, 0.5, True, -100, True, "mean", True),
-        (sg, lp, idx, None, None, 1.0, 1.0, False, -100, True, "sum", True),
-        (sg, lp, idx, y, torch.tensor(7.0), 1.5, 0.2, True, -100, False, "mean", True),
-        (s, lp, idx, y, None, 1.0, 0.5, False, -100, True, "none", False),
+        (sg, lp, idx, y, None, 2.0, 0.5, True, -100, True, [1.0, 0.0], "mean", True),
+        (sg, lp, idx, None, None, 1.0, 1.0, False, -100, True, [1.0, 5.0], "sum", True),
+        (sg, lp, idx, y, torch.tensor(7.0), 1.5, 0.2, True, -100, False, [0.5, 0.0], "mean", True),
+        (s, lp, idx, y, None, 1.0, 0.5, False, -100, True, [1.0, 2.0], "none", False),
     ]
     with backend():
         for args in cases:
@@ -335,6 +335,61 @@ def test_opcheck(backend):
 S = torch.zeros(4, 10)
 LP = torch.log(torch.full((4, 3), 0.2))
 IX = torch.tensor([[0, 1, 2]] * 4)
+
+
+# ------------------------------------------------------------------ LLM families' options
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("softcap,scale", [(5.0, 1.0), (None, 0.4), (3.0, 1.7)])
+def test_logit_map(backend, tail, softcap, scale):
+    """The student's logit_softcap / logit_scale, gradient through the map (the teacher's log-probs
+    are used as given)."""
+    s, lp, idx, y = make(9, 37, 5, device=backend.device, T=2.0)
+    check(backend, s, lp, idx, y, temperature=2.0, tail=tail, logit_softcap=softcap, logit_scale=scale)
+    s[2, 5] = float("nan")  # NaN in, NaN out: softcap must not turn it into a finite loss
+    y[2] = 0
+    with backend():
+        out = pykd.topk_kd_loss(s, lp, idx, y, tail=tail, logit_softcap=softcap, reduction="none")
+    assert torch.isnan(out[2]) and not torch.isnan(out[[0, 1, 3]]).any()
+
+
+def teacher_over_padded_vocab(R, V, V_t, K, device):
+    """Top-K of a teacher whose vocabulary V_t > V puts real mass on ids >= V."""
+    t = torch.randn(R, V_t) * 2
+    t[:, V:] += 2.0
+    lp, idx = torch.log_softmax(t, -1).topk(K, -1)
+    assert (idx >= V).any(-1).float().mean() > 0.5
+    return t.to(device), lp.to(device), idx.to(device)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_teacher_vocab_size(backend, tail):
+    """Indices >= V are dropped and the teacher conditioned on the student's vocabulary."""
+    R, V, V_t = 11, 29, 38
+    s = (torch.randn(R, V) * 3).to(backend.device)
+    _, lp, idx = teacher_over_padded_vocab(R, V, V_t, 7, backend.device)
+    y = torch.randint(0, V, (R,), device=backend.device)
+    y[3] = -100
+    check(backend, s, lp, idx, y, temperature=1.5, tail=tail, teacher_vocab_size=V_t, logit_softcap=6.0)
+    lp[0] = float("-inf")  # a row without teacher mass on the student's vocabulary stays finite (tail)
+    lp[0, 0] = 0.0
+    idx[0] = torch.arange(V, V + 7)
+    if tail:
+        check(backend, s, lp, idx, y, tail=True, teacher_vocab_size=V_t)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_teacher_vocab_size_agrees_with_kd_loss(backend, tail):
+    """With K = V_t the whole teacher is known: dropping ids >= V and renormalizing is kd_loss's
+    conditioning of a wider teacher on the student's vocabulary (an independent check of the rule)."""
+    R, V, V_t = 6, 21, 27
+    s = (torch.randn(R, V) * 2).to(backend.device)
+    t, lp, idx = teacher_over_padded_vocab(R, V, V_t, V_t, backend.device)
+    with backend():
+        topk = pykd.topk_kd_loss(s, lp, idx, tail=tail, teacher_vocab_size=V_t, reduction="none")
+        full = pykd.kd_loss(s, t, reduction="none")
+    torch.testing.assert_close(topk, full, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize(
@@ -359,6 +414,18 @@ IX = torch.tensor([[0, 1, 2]] * 4)
         ((S, LP, IX), {"alpha": 0.5}, ValueError, "needs target"),
         ((S, LP, IX, torch.zeros(3, dtype=torch.long)), {}, ValueError, "target must have shape"),
         ((S, LP, IX.to("meta")), {}, ValueError, "one device"),
+        ((S, LP, torch.tensor([[0, 1, 12]] * 4)), {}, ValueError, "pass teacher_vocab_size"),
+        ((S, LP, IX), {"teacher_vocab_size": 9}, ValueError, "teacher_vocab_size must be at least"),
+        ((S, LP, IX), {"teacher_vocab_size": 12.0}, TypeError, "teacher_vocab_size must be an int"),
+        (
+            (S, LP, torch.tensor([[0, 1, 12]] * 4)),
+            {"teacher_vocab_size": 12},
+            ValueError,
+            r"must be in \[0, 12\)",
+        ),
+        ((S, LP, IX), {"logit_softcap": (2.0, 3.0)}, TypeError, "logit_softcap must be one number here"),
+        ((S, LP, IX), {"logit_softcap": -1.0}, ValueError, "logit_softcap must be a finite number"),
+        ((S, LP, IX), {"logit_scale": 0}, ValueError, "logit_scale must be a finite number"),
     ],
 )
 def test_bad_input(args, kwargs, exc, match):

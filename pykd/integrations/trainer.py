@@ -17,7 +17,7 @@ import torch
 
 from .. import _checks, fused_linear_kd_loss, fused_linear_topk_kd_loss
 from ..data import TeacherCache, collate
-from ..llm import LMHeadTap, check_lm_head, shift_targets
+from ..llm import LMHeadTap, check_lm_head, logit_map_of, shift_targets
 
 try:
     from transformers import Trainer, TrainingArguments
@@ -42,6 +42,13 @@ class DistillationConfig(TrainingArguments):
     kd_tail: bool = dataclasses.field(
         default=True, metadata={"help": "offline top-k teacher: add the tail bucket (pykd.topk_kd_loss)"}
     )
+    kd_logit_softcap: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "soft-cap c of both models' logits, c tanh(z / c) (default: each model's own, as its "
+            "config and forward apply it, e.g. Gemma-2's final_logit_softcapping)"
+        },
+    )
     # the batches' teacher_topk_* columns are not arguments of the model's forward: keep them
     remove_unused_columns: bool = False
     kd_chunk_size: int | None = dataclasses.field(
@@ -53,6 +60,8 @@ class DistillationConfig(TrainingArguments):
         _checks.choice("kd_divergence", self.kd_divergence, _DIVERGENCES)
         _checks.real("kd_alpha", self.kd_alpha, lo=0.0, hi=1.0)
         _checks.temperature("kd_temperature", self.kd_temperature)
+        if self.kd_logit_softcap is not None:
+            _checks.real("kd_logit_softcap", self.kd_logit_softcap, lo=0.0, lo_open=True)
 
 
 class DistillationTrainer(Trainer):
@@ -61,9 +70,13 @@ class DistillationTrainer(Trainer):
 
     Online: ``DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(...),
     train_dataset=...)``; the teacher runs under ``no_grad`` on the same batch; the two must share the
-    tokenizer and vocabulary. Offline: a train dataset of :class:`pykd.data.TeacherCache` items
-    (``teacher_topk_logprobs`` / ``teacher_topk_indices`` in each batch) and no teacher model; the
-    cache's log-probs must be at ``kd_temperature`` (``meta["temperature"]``).
+    tokenizer; the teacher's vocabulary may be larger (padded), its extra entries dropped (see
+    :func:`pykd.kd_loss`). Each model's logit soft-cap and scale (Gemma-2, Cohere, Granite) are read
+    from its config and verified on one short forward (:func:`pykd.llm.logit_map_of`). Offline: a
+    train dataset of :class:`pykd.data.TeacherCache` items (``teacher_topk_logprobs`` /
+    ``teacher_topk_indices`` in each batch) and no teacher model; the cache's log-probs must be at
+    ``kd_temperature`` (``meta["temperature"]``); a cache of a larger teacher vocabulary is
+    conditioned on the student's (``teacher_vocab_size`` of :func:`pykd.topk_kd_loss`).
 
     Batches carry ``input_ids``, ``attention_mask`` and ``labels`` as for a causal LM (labels are
     shifted here; :func:`pykd.data.collate` is the default collator). The loss is a mean over the
@@ -89,18 +102,25 @@ class DistillationTrainer(Trainer):
                          train_dataset=train_dataset, **kwargs)  # fmt: skip
         self.teacher_model = teacher_model
         s_head = check_lm_head(self.model, "model")
+        # each model's logit map (soft-cap, scale), unless kd_logit_softcap sets both soft-caps
+        s_cap, s_scale = logit_map_of(self.model, "model")
+        self._teacher_vocab_size = None
         if teacher_model is not None:
             t_head = check_lm_head(teacher_model, "teacher_model")
-            if t_head.out_features != s_head.out_features:
+            if t_head.out_features < s_head.out_features:
                 raise ValueError(
-                    f"teacher_model's vocabulary ({t_head.out_features}) differs from the student's "
-                    f"({s_head.out_features}); pykd's logit losses need one vocabulary"
+                    f"teacher_model's vocabulary ({t_head.out_features}) is smaller than the student's "
+                    f"({s_head.out_features}); pykd's logit losses need the teacher's to cover it"
                 )
             teacher_model.requires_grad_(False).eval()
             teacher_model.to(self.args.device)
+            t_cap, t_scale = logit_map_of(teacher_model, "teacher_model")
         else:
             cache = train_dataset
-            cache.check(tokenizer=self.processing_class, vocab_size=s_head.out_features)
+            cache.check(tokenizer=self.processing_class)
+            t_cap, t_scale = None, 1.0  # the cache's log-probs are the teacher's, map included
+            if cache.meta["vocab_size"] > s_head.out_features:  # a padded teacher vocabulary
+                self._teacher_vocab_size = cache.meta["vocab_size"]
             t = cache.meta.get("temperature")
             if t is not None and abs(t - self.args.kd_temperature) > 1e-6 * t:
                 raise ValueError(
@@ -115,6 +135,9 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._loss_shifts_labels = True
         self._kd_sums = {"kd_loss": 0.0, "ce_loss": 0.0, "n": 0}
+        if self.args.kd_logit_softcap is not None:
+            s_cap = t_cap = self.args.kd_logit_softcap
+        self._logit_maps = dict(logit_softcap=(s_cap, t_cap), logit_scale=(s_scale, t_scale))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -142,13 +165,15 @@ class DistillationTrainer(Trainer):
             h_t = t_tap.hidden.reshape(-1, t_tap.hidden.shape[-1])
             loss, kd, ce = fused_linear_kd_loss(
                 h_s, head.weight, h_t, t_head.weight, target, teacher_bias=t_head.bias,
-                divergence=args.kd_divergence, beta=args.kd_beta, **common,
+                divergence=args.kd_divergence, beta=args.kd_beta, **self._logit_maps, **common,
             )  # fmt: skip
         else:
             k = lp.shape[-1]
+            maps = {name: pair[0] for name, pair in self._logit_maps.items()}  # the student's
             loss, kd, ce = fused_linear_topk_kd_loss(
-                h_s, head.weight, lp.reshape(-1, k), idx.reshape(-1, k), target, tail=args.kd_tail, **common
-            )
+                h_s, head.weight, lp.reshape(-1, k), idx.reshape(-1, k), target, tail=args.kd_tail,
+                teacher_vocab_size=self._teacher_vocab_size, **maps, **common,
+            )  # fmt: skip
         if args.average_tokens_across_devices and num_items_in_batch is not None and args.world_size > 1:
             loss = loss * args.world_size  # DDP averages gradients; the token count is global
         if model.training:  # parts of the accumulated batch's means; summed, read when logging

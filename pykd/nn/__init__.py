@@ -29,8 +29,12 @@ class KDLoss(torch.nn.Module):
         reduction: str = "mean",
         scale_by_t2: bool = True,
         return_components: bool = False,
+        logit_softcap: float | tuple | None = None,
+        logit_scale: float | tuple = 1.0,
     ):
         super().__init__()
+        self.logit_softcap = logit_softcap
+        self.logit_scale = logit_scale
         self.divergence = divergence
         self.temperature = temperature
         self.alpha = alpha
@@ -54,6 +58,8 @@ class KDLoss(torch.nn.Module):
             scale_by_t2=self.scale_by_t2,
             num_items_in_batch=num_items_in_batch,
             return_components=self.return_components,
+            logit_softcap=self.logit_softcap,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:
@@ -110,12 +116,14 @@ class FusedLinearKDLoss(torch.nn.Module):
     def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, alpha: float | None = None,
                  beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
                  scale_by_t2: bool = True, return_components: bool = False,
-                 chunk_size: int | None = None):  # fmt: skip
+                 chunk_size: int | None = None, logit_softcap: float | tuple | None = None,
+                 logit_scale: float | tuple = 1.0):  # fmt: skip
         super().__init__()
         self.options = dict(
             divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
             ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
-            return_components=return_components, chunk_size=chunk_size,
+            return_components=return_components, chunk_size=chunk_size, logit_softcap=logit_softcap,
+            logit_scale=logit_scale,
         )  # fmt: skip
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
@@ -139,11 +147,13 @@ class TopKKDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, alpha: float | None = None, tail: bool = True,
                  ignore_index: int = -100, reduction: str = "mean", scale_by_t2: bool = True,
-                 return_components: bool = False):  # fmt: skip
+                 return_components: bool = False, teacher_vocab_size: int | None = None,
+                 logit_softcap: float | None = None, logit_scale: float = 1.0):  # fmt: skip
         super().__init__()
         self.options = dict(
             temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
             reduction=reduction, scale_by_t2=scale_by_t2, return_components=return_components,
+            teacher_vocab_size=teacher_vocab_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
         )  # fmt: skip
 
     def forward(self, student_logits, teacher_topk_logprobs, teacher_topk_indices, target=None,
