@@ -110,6 +110,17 @@ class LMHeadTap:
         self._handle.remove()
 
 
+def call_head(head: torch.nn.Module, hidden: torch.Tensor, loss_fn):
+    """``loss_fn(hidden, head.weight, head.bias)`` run as ``head``'s forward, through the module's
+    call: the hooks FSDP (and any other wrapper) put on the lm_head run around it, so its weight is
+    unsharded there and its gradient is reduced after backward, however the model was wrapped."""
+    head.forward = lambda h: loss_fn(h, head.weight, head.bias)
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
+
+
 def shift_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """(B, T) labels as a causal LM takes them -> (B * T,) targets of each position's logits: the
     next position's label, ``ignore_index`` at the last position."""

@@ -510,30 +510,48 @@ def test_jsonl_lines_keep_their_order(tmp_path):
     assert torch.cat(seqs).tolist() == [2, 3, 0, 7, 8, 0]  # then 1, 0: too few for a third sequence
 
 
-def test_trainer_ddp_matches_one_process(tmp_path):
-    """Two gloo processes under torchrun (2 sequences each) take the same optimizer step as one
-    process with all 4: the loss is normalized by the global token count and DDP's gradient average
-    is undone (SGD with lr 1, so the step is the gradient itself)."""
+def _worker(tmp_path, name, nproc, *flags):
+    """tests/ddp_trainer_worker.py in one process or under torchrun with nproc gloo processes; its
+    output (rank 0's)."""
     import subprocess
     import sys
 
     worker = os.path.join(os.path.dirname(__file__), "ddp_trainer_worker.py")
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    path = str(tmp_path / f"{name}.pt")
+    cmd = [*launch, worker, "--per-device", str(4 // nproc), "--out", path, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {
-        "one": [sys.executable, worker, "--per-device", "4"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                worker, "--per-device", "2"],
-    }  # fmt: skip
-    out = {}
-    for name, cmd in runs.items():
-        path = str(tmp_path / f"{name}.pt")
-        r = subprocess.run(cmd + ["--out", path], env=env, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
-        out[name] = torch.load(path)
-    assert (out["one"]["world"], out["two"]["world"]) == (1, 2)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = torch.load(path)
+    assert out["world"] == nproc
+    return out
+
+
+@pytest.mark.parametrize("launch", ["ddp", "fsdp"])
+def test_trainer_distributed_matches_one_process(tmp_path, launch):
+    """Two gloo processes under torchrun (2 sequences each) take the same optimizer step as one
+    process with all 4, under DDP and under HF's FSDP2 launch (decoder layers and root sharded): the
+    loss is normalized by the global token count and the gradient average is undone (SGD with lr 1,
+    so the step is the gradient itself)."""
+    one = _worker(tmp_path, "one", 1)
+    two = _worker(tmp_path, launch, 2, *(["--fsdp"] if launch == "fsdp" else []))
     init = _tiny_llama(80, 1, 1)
     for key, w0 in (("lm_head", init.lm_head.weight), ("embed", init.model.embed_tokens.weight)):
-        step = out["one"][key] - w0.detach()
+        step = one[key] - w0.detach()
         assert step.abs().max() > 1e-3, key  # the step is not trivially zero
-        assert_close(out["two"][key] - w0.detach(), step, rtol=1e-4, atol=1e-7, name=key)
+        assert_close(two[key] - w0.detach(), step, rtol=1e-4, atol=1e-7, name=key)
+
+
+def test_trainer_under_fully_shard_lm_head(tmp_path):
+    """The lm_head as its own FSDP2 unit (resharded right after its forward): the trainer runs the
+    fused loss as the lm_head's forward (pykd.llm.call_head), so its weight is unsharded there and its
+    gradient reduce-scattered; the gradients equal one process's on the whole batch. (Reading
+    lm_head.weight after the model's forward would hand the op a sharded DTensor.)"""
+    one = _worker(tmp_path, "one", 1, "--shard-lm-head")
+    two = _worker(tmp_path, "two", 2, "--shard-lm-head")
+    for key in ("lm_head", "embed"):
+        assert one[key].abs().max() > 1e-3, key
+        assert_close(two[key], one[key], rtol=1e-4, atol=1e-7, name=key)

@@ -5,8 +5,9 @@ The student's loss comes from its final hidden states and lm_head weight through
 :func:`pykd.fused_linear_kd_loss` (online teacher: the teacher's hidden states and lm_head too) or
 :func:`pykd.fused_linear_topk_kd_loss` (offline: a :class:`pykd.data.TeacherCache`'s top-k), so no
 (tokens x vocabulary) logits are materialized for either model. The models still run through their
-own (wrapped) forward, so DDP's hooks see every step: :class:`pykd.llm.LMHeadTap` hands the lm_head zero rows
-and keeps the hidden states it was given.
+own (wrapped) forward, so DDP's and FSDP's hooks see every step: :class:`pykd.llm.LMHeadTap` hands the
+lm_head zero rows and keeps the hidden states, and :func:`pykd.llm.call_head` then runs the fused loss
+as the lm_head's forward, where FSDP has the weight unsharded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .. import _checks, fused_linear_kd_loss, fused_linear_topk_kd_loss
 from ..data import TeacherCache, collate
-from ..llm import LMHeadTap, check_lm_head, logit_map_of, shift_targets
+from ..llm import LMHeadTap, call_head, check_lm_head, logit_map_of, shift_targets
 
 try:
     from transformers import Trainer, TrainingArguments
@@ -81,9 +82,8 @@ class DistillationTrainer(Trainer):
     Batches carry ``input_ids``, ``attention_mask`` and ``labels`` as for a causal LM (labels are
     shifted here; :func:`pykd.data.collate` is the default collator). The loss is a mean over the
     counted tokens of the whole accumulated batch (``num_items_in_batch``), so gradient accumulation
-    and DDP give the gradient of one large batch. ``kd_loss`` and ``ce_loss`` (means over logged
-    steps) are logged beside ``loss``. FSDP is not supported yet (the lm_head weight is read outside
-    its module's forward).
+    and DDP or FSDP give the gradient of one large batch. ``kd_loss`` and ``ce_loss`` (means over
+    logged steps) are logged beside ``loss``.
     """
 
     def __init__(self, model=None, args=None, *, teacher_model=None, data_collator=None, train_dataset=None,
@@ -150,12 +150,8 @@ class DistillationTrainer(Trainer):
                 "a batch must carry teacher_topk_logprobs/indices exactly when there is no teacher_model"
             )
         target = shift_targets(labels)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        with LMHeadTap(head) as tap:
-            outputs = model(**inputs)
-        h_s = tap.hidden.reshape(-1, tap.hidden.shape[-1])
         common = dict(temperature=args.kd_temperature, alpha=args.kd_alpha, return_components=True,
-                      num_items_in_batch=num_items_in_batch, student_bias=head.bias)  # fmt: skip
+                      num_items_in_batch=num_items_in_batch)  # fmt: skip
         if args.kd_chunk_size is not None:
             common["chunk_size"] = args.kd_chunk_size
         if self.teacher_model is not None:
@@ -163,17 +159,29 @@ class DistillationTrainer(Trainer):
             with torch.no_grad(), LMHeadTap(t_head) as t_tap:
                 self.teacher_model(**inputs)
             h_t = t_tap.hidden.reshape(-1, t_tap.hidden.shape[-1])
-            loss, kd, ce = fused_linear_kd_loss(
-                h_s, head.weight, h_t, t_head.weight, target, teacher_bias=t_head.bias,
-                divergence=args.kd_divergence, beta=args.kd_beta, **self._logit_maps, **common,
-            )  # fmt: skip
+
+            def loss_fn(h, w, b):
+                return fused_linear_kd_loss(
+                    h.reshape(-1, h.shape[-1]), w, h_t, t_head.weight, target, student_bias=b,
+                    teacher_bias=t_head.bias, divergence=args.kd_divergence, beta=args.kd_beta,
+                    **self._logit_maps, **common,
+                )  # fmt: skip
         else:
             k = lp.shape[-1]
             maps = {name: pair[0] for name, pair in self._logit_maps.items()}  # the student's
-            loss, kd, ce = fused_linear_topk_kd_loss(
-                h_s, head.weight, lp.reshape(-1, k), idx.reshape(-1, k), target, tail=args.kd_tail,
-                teacher_vocab_size=self._teacher_vocab_size, **maps, **common,
-            )  # fmt: skip
+
+            def loss_fn(h, w, b):
+                return fused_linear_topk_kd_loss(
+                    h.reshape(-1, h.shape[-1]), w, lp.reshape(-1, k), idx.reshape(-1, k), target,
+                    student_bias=b, tail=args.kd_tail, teacher_vocab_size=self._teacher_vocab_size,
+                    **maps, **common,
+                )  # fmt: skip
+
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with LMHeadTap(head) as tap:
+            outputs = model(**inputs)
+        # the loss as the lm_head's forward: FSDP unshards its weight there however it was wrapped
+        loss, kd, ce = call_head(head, tap.hidden, loss_fn)
         if args.average_tokens_across_devices and num_items_in_batch is not None and args.world_size > 1:
             loss = loss * args.world_size  # DDP averages gradients; the token count is global
         if model.training:  # parts of the accumulated batch's means; summed, read when logging
