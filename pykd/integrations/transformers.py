@@ -299,6 +299,34 @@ class DistillLosses:
         self.relation = 0.0
         self.layers = 0
 
+    def total(self, output=None):
+        """``attention + relation``; given the student's output (a tensor, or a Hugging Face model
+        output: its first tensor), tied to it with weight 0, so that backward passes through the
+        output. DDP and FSDP hook their gradient reduction (and FSDP its re-gather of resharded
+        layers) on the forward's outputs, which losses taken inside the forward never reach: under
+        DDP the gradients would stay un-averaged, under FSDP2 backward would read freed weights. The
+        tie costs a backward of zeros through the output's path; it is not needed when another loss
+        term already uses the output (e.g. a task loss, or ``pykd distill``'s embedding cosine)."""
+        loss = self.attention + self.relation
+        if output is None or not isinstance(loss, torch.Tensor):
+            return loss
+        out = output if isinstance(output, torch.Tensor) else output[0]
+        return _TieToOutput.apply(loss, out)
+
+
+class _TieToOutput(torch.autograd.Function):
+    """loss in forward; backward sends zeros to `out` (not 0 * out, which an inf would turn NaN)."""
+
+    @staticmethod
+    def forward(ctx, loss, out):
+        ctx.out_meta = (out.shape, out.dtype, out.device)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.out_meta
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
 
 class _TeacherState:
     def __init__(self, distiller):
