@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import transformers
+from ddp_trainer_worker import save_and_exit
 
 from pykd.integrations import transformers as hf
 
@@ -69,15 +69,7 @@ def main():
         "key0": student.encoder.layer[0].attention.self.key.weight.grad,
         "embed": student.embeddings.word_embeddings.weight.grad,
     }
-    grads = {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in grads.items()}
-    if rank == 0:
-        torch.save({**{k: g.detach() for k, g in grads.items()}, "world": world}, args.out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # see ddp_trainer_worker.py
+    save_and_exit(grads, args.out)
 
 
 if __name__ == "__main__":

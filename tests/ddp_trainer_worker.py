@@ -87,9 +87,16 @@ def main():
     weights = {"lm_head": student.lm_head.weight, "embed": student.model.embed_tokens.weight}
     if args.shard_lm_head:
         weights = {k: w.grad for k, w in weights.items()}
-    weights = {k: w.full_tensor() if hasattr(w, "full_tensor") else w for k, w in weights.items()}
+    save_and_exit(weights, args.out)
+
+
+def save_and_exit(tensors: dict, out: str) -> None:
+    """Rank 0 saves the (DTensors gathered) tensors and the world size to `out`; a distributed run
+    then leaves every rank cleanly."""
+    tensors = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in tensors.items()}
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({**{k: w.detach() for k, w in weights.items()}, "world": world}, args.out)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        torch.save({**{k: t.detach() for k, t in tensors.items()}, "world": world}, out)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
