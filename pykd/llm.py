@@ -114,11 +114,15 @@ def call_head(head: torch.nn.Module, hidden: torch.Tensor, loss_fn):
     """``loss_fn(hidden, head.weight, head.bias)`` run as ``head``'s forward, through the module's
     call: the hooks FSDP (and any other wrapper) put on the lm_head run around it, so its weight is
     unsharded there and its gradient is reduced after backward, however the model was wrapped."""
+    own = head.__dict__.get("forward")  # an instance-level forward (a wrapper's patch) is restored
     head.forward = lambda h: loss_fn(h, head.weight, head.bias)
     try:
         return head(hidden)
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def shift_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
