@@ -11,8 +11,14 @@ Backward is of ``sum(out * dO) + loss``. Times are medians (p20, p80) in ms; mem
 above what was allocated before the call (MB), for forward+backward. A provider that runs out of
 memory is reported and skipped for larger N.
 
+``--op relation``: MiniLMv2 self-relation KD instead (``pykd.relation_kd`` of one projection, student
+(B, N, 384) against teacher (B, N, 768), R = 12 relation heads, loss only, ``loss.backward()``),
+providers ``pykd`` and ``eager`` (materialized (B, R, N, N) relation maps, log_softmax, kl_div).
+
     python benchmarks/bench_attention_kd.py                 # CPU: B1 H4 D64 fp32, N 1024..4096
     python benchmarks/bench_attention_kd.py --device cuda   # GPU: B1 H16 bf16, D 64 and 128, N 512..16k
+    python benchmarks/bench_attention_kd.py --batch 32 --heads 12 --seq 128 512 --tag bert   # BERT shapes
+    python benchmarks/bench_attention_kd.py --op relation   # B32 R12 X 384/768, N 128 and 512
     pykd bench attention_kd --quick
 """
 
@@ -104,6 +110,71 @@ PROVIDERS = {
 PREPARE = {"pykd_topk": _capture_of}  # run before a provider is timed or its memory measured
 
 
+RELATION_HEADS, X_S, X_T = 12, 384, 768  # MiniLMv2: a MiniLM-L12-H384 student, a BERT-base teacher
+
+
+def relation_eager(x_s, x_t):
+    """What MiniLMv2 code does: materialized (B, R, N, N) self-relation maps, log_softmax, kl_div."""
+
+    def log_rel(x):
+        B, N, X = x.shape
+        h = x.reshape(B, N, RELATION_HEADS, X // RELATION_HEADS).transpose(1, 2).float()
+        return F.log_softmax(h @ h.transpose(-1, -2) / math.sqrt(h.shape[-1]), -1)
+
+    ls, lt = log_rel(x_s), log_rel(x_t)
+    return F.kl_div(ls, lt, log_target=True, reduction="sum") / (ls.shape[0] * ls.shape[1] * ls.shape[2])
+
+
+RELATION_PROVIDERS = {
+    "pykd": lambda x_s, x_t: pykd.relation_kd(x_s, x_t, RELATION_HEADS),
+    "eager": relation_eager,
+}
+
+
+def relation_inputs(B, n, device, dtype):
+    torch.manual_seed(0)
+    return torch.randn(B, n, X_S, device=device).to(dtype), torch.randn(B, n, X_T, device=device).to(dtype)
+
+
+def measure_relation(rec: Recorder, name: str, B: int, n: int, device, dtype, reps: int) -> None:
+    x_s0, x_t = relation_inputs(B, n, device, dtype)
+    state = {}
+
+    def fresh():
+        state["x"] = x_s0.clone().requires_grad_(True)
+
+    def forward():
+        state["loss"] = RELATION_PROVIDERS[name](state["x"], x_t)
+
+    def backward():
+        state["loss"].backward()
+
+    full = record_times(rec, name, n, device, reps, fresh, forward, backward)
+    if device.type == "cpu":
+        dt = str(dtype).replace("torch.", "")
+        peak = fresh_process_peak_mb("pykd.benchmarks.bench_attention_kd", ["relation", name, B, n, dt])
+    else:
+        fresh()
+        peak = peak_extra_mb(full, device)
+    rec.add(name, "full", "memory", "MB", n, peak)
+    state.clear()
+    gc.collect()
+
+
+def run_relation(args) -> Recorder:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rec = Recorder("relation_kd", device, args.dtype, "N", [])
+    print(
+        f"relation_kd on {device_name(device)}: B={args.batch} R={RELATION_HEADS} X={X_S}/{X_T} {args.dtype}"
+    )
+    loop = ProviderLoop(device, "N")
+    for n in args.seq:
+        for name in args.providers:
+            loop.run(name, n, functools.partial(measure_relation, rec, name, args.batch, n, device, dtype,
+                                                args.reps))  # fmt: skip
+    return rec
+
+
 def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int) -> None:
     """fwd, bwd and full times and full peak memory of one provider at one size."""
     q0, k0, v0, qt, kt = inputs
@@ -145,7 +216,15 @@ def _inputs(shape, device, dtype):
     return inputs, torch.randn(shape, device=device).to(dtype)
 
 
-def _child_memory(name, B, H, n, D, dtype) -> None:
+def _child_memory(name, *rest) -> None:
+    if name == "relation":
+        provider, B, n, dtype = rest
+        x_s, x_t = relation_inputs(int(B), int(n), torch.device("cpu"), getattr(torch, dtype))
+        x_s.requires_grad_(True)
+        peak = peak_extra_mb(lambda: RELATION_PROVIDERS[provider](x_s, x_t).backward(), torch.device("cpu"))
+        print("peak_extra_mb", peak)
+        return
+    B, H, n, D, dtype = rest
     inputs, go = _inputs((int(B), int(H), int(n), int(D)), torch.device("cpu"), getattr(torch, dtype))
     x = [t.clone().requires_grad_(True) for t in inputs[:3]]
     if name in PREPARE:
@@ -194,9 +273,22 @@ def main(argv=None):
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--quick", action="store_true", help="one N (2048 CPU, 4096 GPU), pykd and eager only")
+    p.add_argument("--op", choices=("attention", "relation"), default="attention")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if args.op == "relation":
+        args.batch = 32 if args.batch == 1 else args.batch  # MiniLMv2's batch unless one was given
+        args.seq = args.seq or ([128] if args.quick else [128, 512])
+        args.reps = args.reps or (10 if gpu else 3)
+        args.providers = [x for x in args.providers if x in RELATION_PROVIDERS]
+        rec = run_relation(args)
+        out = f"{args.out_dir}/{device_name(torch.device(args.device))}"
+        csv_path, png = rec.write(
+            out, "relation_kd" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+        )
+        print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
+        return [rec]
     args.heads = args.heads or (16 if gpu else 4)
     args.head_dims = args.head_dims or ([64, 128] if gpu else [64])
     args.seq = args.seq or ([512, 1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
