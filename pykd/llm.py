@@ -22,7 +22,7 @@ import time
 import torch
 
 from . import data as kd_data
-from . import fused_linear_kd_loss
+from . import fused_linear_kd_loss, reference
 from .benchmarks.common import commit, device_name, peak_extra_mb
 
 # ------------------------------------------------------------------------------ lm_head
@@ -67,10 +67,7 @@ def logit_map_of(model, who: str) -> tuple[float | None, float]:
             logits = model(input_ids=probe).logits
     finally:
         handle.remove()
-    z = seen["z"].float()
-    want = z * scale
-    if cap is not None:
-        want = cap * torch.tanh(want / cap)
+    want = reference.logit_map(seen["z"].float(), cap, scale)
     got = logits.float()
     # a few roundings of the lm_head's output dtype (the model may compute the map in it)
     tol = 8 * torch.finfo(seen["z"].dtype).eps * (1.0 + float(got.abs().max()))
@@ -82,10 +79,10 @@ def logit_map_of(model, who: str) -> tuple[float | None, float]:
     return cap, scale
 
 
-def logit_options(student, teacher) -> dict:
-    """``logit_softcap`` / ``logit_scale`` (student, teacher) pairs for the fused ops, from
-    :func:`logit_map_of` of each model."""
-    (s_cap, s_scale), (t_cap, t_scale) = logit_map_of(student, "student"), logit_map_of(teacher, "teacher")
+def logit_options(student_map, teacher_map) -> dict:
+    """The fused ops' ``logit_softcap`` / ``logit_scale`` (student, teacher) pairs from two
+    (softcap, scale) maps, as :func:`logit_map_of` gives them."""
+    (s_cap, s_scale), (t_cap, t_scale) = student_map, teacher_map
     return dict(logit_softcap=(s_cap, t_cap), logit_scale=(s_scale, t_scale))
 
 
@@ -210,9 +207,7 @@ def teacher_topk(model, input_ids, attention_mask=None, *, k: int, temperature: 
     b = None if head.bias is None else head.bias.float()
     lps, ixs = [], []
     for i in range(0, h.shape[0], chunk_rows):
-        z = torch.nn.functional.linear(h[i : i + chunk_rows].float(), w, b) * scale
-        if cap is not None:
-            z = cap * torch.tanh(z / cap)
+        z = reference.logit_map(torch.nn.functional.linear(h[i : i + chunk_rows].float(), w, b), cap, scale)
         lp, ix = torch.log_softmax(z / temperature, -1).topk(k, -1)
         lps.append(lp)
         ixs.append(ix)
@@ -304,12 +299,12 @@ def make_student(teacher, num_layers: int):
 
 
 @torch.no_grad()
-def evaluate_lm(student, teacher, seqs, device, batch_size: int = 8) -> dict:
+def evaluate_lm(student, teacher, seqs, device, *, maps: dict, batch_size: int = 8) -> dict:
     """Held-out per-token forward KL(teacher || student) and the student's perplexity, over every
-    next-token position of ``seqs``, through the fused loss (no logits materialized)."""
+    next-token position of ``seqs``, through the fused loss (no logits materialized); ``maps``: the
+    models' :func:`logit_options`."""
     student.eval()
     teacher.eval()
-    maps = logit_options(student, teacher)
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     kl_sum = ce_sum = 0.0
     n = 0
@@ -368,7 +363,9 @@ def distill_lm(args) -> dict:
     else:
         train_ds = [{"input_ids": s} for s in train]
         teacher_model = teacher
-    before = evaluate_lm(student, teacher, held, device)
+    s_map, t_map = logit_map_of(student, "student"), logit_map_of(teacher, "teacher")  # probed once
+    maps = logit_options(s_map, t_map)
+    before = evaluate_lm(student, teacher, held, device, maps=maps)
     print(f"before: held-out KL {before['kl']:.4f} / token, student perplexity {before['ppl']:.2f}")
     cfg = DistillationConfig(
         output_dir=os.path.join(args.output_dir, "trainer"), max_steps=args.steps,
@@ -382,13 +379,14 @@ def distill_lm(args) -> dict:
     t0 = time.perf_counter()
     peak = peak_extra_mb(trainer.train, device)
     elapsed = time.perf_counter() - t0
-    after = evaluate_lm(student, teacher, held, device)
+    after = evaluate_lm(student, teacher, held, device, maps=maps)
     tokens = args.steps * args.batch_size * args.seq_len
+    teacher_ppl = evaluate_lm(teacher, teacher, held, device, maps=logit_options(t_map, t_map))["ppl"]
     report = dict(
         kl_before=round(before["kl"], 5), kl_after=round(after["kl"], 5),
         ppl_before=round(before["ppl"], 3), ppl_after=round(after["ppl"], 3),
         steps=args.steps, tokens_per_s=round(tokens / elapsed, 1), peak_mem_mb=round(peak, 1),
-        teacher_ppl=round(evaluate_lm(teacher, teacher, held, device)["ppl"], 3),
+        teacher_ppl=round(teacher_ppl, 3),
         mode="offline cache" if args.cache else "online teacher", held_out_tokens=after["tokens"],
         teacher_params=sum(p.numel() for p in teacher.parameters()),
         student_params=sum(p.numel() for p in student.parameters()),

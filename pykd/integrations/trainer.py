@@ -18,7 +18,7 @@ import torch
 
 from .. import _checks, fused_linear_kd_loss, fused_linear_topk_kd_loss
 from ..data import TeacherCache, collate
-from ..llm import LMHeadTap, call_head, check_lm_head, logit_map_of, shift_targets
+from ..llm import LMHeadTap, call_head, check_lm_head, logit_map_of, logit_options, shift_targets
 
 try:
     from transformers import Trainer, TrainingArguments
@@ -103,7 +103,7 @@ class DistillationTrainer(Trainer):
         self.teacher_model = teacher_model
         s_head = check_lm_head(self.model, "model")
         # each model's logit map (soft-cap, scale), unless kd_logit_softcap sets both soft-caps
-        s_cap, s_scale = logit_map_of(self.model, "model")
+        s_map = logit_map_of(self.model, "model")
         self._teacher_vocab_size = None
         if teacher_model is not None:
             t_head = check_lm_head(teacher_model, "teacher_model")
@@ -114,11 +114,11 @@ class DistillationTrainer(Trainer):
                 )
             teacher_model.requires_grad_(False).eval()
             teacher_model.to(self.args.device)
-            t_cap, t_scale = logit_map_of(teacher_model, "teacher_model")
+            t_map = logit_map_of(teacher_model, "teacher_model")
         else:
             cache = train_dataset
             cache.check(tokenizer=self.processing_class)
-            t_cap, t_scale = None, 1.0  # the cache's log-probs are the teacher's, map included
+            t_map = (None, 1.0)  # the cache's log-probs are the teacher's, map included
             if cache.meta["vocab_size"] > s_head.out_features:  # a padded teacher vocabulary
                 self._teacher_vocab_size = cache.meta["vocab_size"]
             t = cache.meta.get("temperature")
@@ -136,8 +136,8 @@ class DistillationTrainer(Trainer):
         self._loss_shifts_labels = True
         self._kd_sums = {"kd_loss": 0.0, "ce_loss": 0.0, "n": 0}
         if self.args.kd_logit_softcap is not None:
-            s_cap = t_cap = self.args.kd_logit_softcap
-        self._logit_maps = dict(logit_softcap=(s_cap, t_cap), logit_scale=(s_scale, t_scale))
+            s_map, t_map = (self.args.kd_logit_softcap, s_map[1]), (self.args.kd_logit_softcap, t_map[1])
+        self._logit_maps = logit_options(s_map, t_map)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
