@@ -27,6 +27,15 @@ inline at::Tensor unit_stride_rows(const at::Tensor& x) {
   return x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous();
 }
 
+// The target as the row kernels read it (undefined without one): contiguous int64, one per row.
+inline at::Tensor target_rows(const std::optional<at::Tensor>& target, int64_t R, const char* op) {
+  if (!target.has_value()) return at::Tensor();
+  auto tgt = target->contiguous();
+  TORCH_CHECK(tgt.scalar_type() == at::kLong && tgt.numel() == R, op,
+              ": target must be int64 with one entry per row");
+  return tgt;
+}
+
 enum class Divergence { kKL, kReverseKL, kSoftCE, kJSD, kTVD, kMSE };
 enum class Reduction { kMean, kSum, kNone };
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import mean_scale_in_forward, reduction_denominator
+from .._backend import finish_rows, row_loss_scale  # noqa: F401  (the launchers import them here)
 
 # Order is the kernels' DIV constexpr; pykd.kd_loss validates names against it.
 DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
@@ -67,27 +67,6 @@ def new_output(shape, *, device, dtype) -> torch.Tensor:
     if os.environ.get("PYKD_POISON_OUTPUTS") == "1" and t.is_floating_point():
         t.fill_(float("nan"))
     return t
-
-
-def row_loss_scale(target, R, ignore_index, num_items, reduction, dtype, device):
-    """(n, scale) for a row-loss kernel: n the "mean" denominator (a device tensor) and scale the
-    factor its stored gradient carries, 1/n for "mean" unless the dtype defers it to backward."""
-    n = reduction_denominator(target, R, ignore_index, num_items, device)
-    if reduction == "mean" and mean_scale_in_forward(dtype):
-        return n, 1.0 / n
-    return n, torch.ones((), device=device, dtype=torch.float32)
-
-
-def finish_rows(soft, hard, alpha_w, alpha, reduction, n):
-    """(loss, soft, hard) from per-row soft divergence and hard CE, reduced like the C++ kernels:
-    loss_r = alpha_w soft_r + (1 - alpha) hard_r; summed, and divided by n for "mean"."""
-    loss = soft * alpha_w + hard * (1.0 - alpha)
-    if reduction == "none":
-        return loss, soft, hard
-    loss, soft, hard = loss.sum(), soft.sum(), hard.sum()
-    if reduction == "mean":
-        loss, soft, hard = loss / n, soft / n, hard / n
-    return loss, soft, hard
 
 
 @triton.jit

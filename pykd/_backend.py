@@ -167,3 +167,24 @@ def refuse_double_backward(op: str) -> None:
             f"pykd.{op}: double backward (create_graph=True) is not supported: the gradient is computed "
             f"in the forward and has no graph of its own; use pykd.reference.{op} for second-order terms"
         )
+
+
+def row_loss_scale(target, R, ignore_index, num_items, reduction, dtype, device):
+    """(n, scale) for a row-loss kernel: n the "mean" denominator (a device tensor) and scale the
+    factor its stored gradient carries, 1/n for "mean" unless the dtype defers it to backward."""
+    n = reduction_denominator(target, R, ignore_index, num_items, device)
+    if reduction == "mean" and mean_scale_in_forward(dtype):
+        return n, 1.0 / n
+    return n, torch.ones((), device=device, dtype=torch.float32)
+
+
+def finish_rows(soft, hard, alpha_w, alpha, reduction, n):
+    """(loss, soft, hard) from per-row soft divergence and hard CE, reduced like the C++ kernels:
+    loss_r = alpha_w soft_r + (1 - alpha) hard_r; summed, and divided by n for "mean"."""
+    loss = soft * alpha_w + hard * (1.0 - alpha)
+    if reduction == "none":
+        return loss, soft, hard
+    loss, soft, hard = loss.sum(), soft.sum(), hard.sum()
+    if reduction == "mean":
+        loss, soft, hard = loss / n, soft / n, hard / n
+    return loss, soft, hard

@@ -15,6 +15,7 @@ BENCHMARKS = (
     "sparse_quant",
     "host_overhead",
     "distill_trainer",
+    "distributed",
 )
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, vocab_parallel
 from ._backend import has_cpp
 from .kd_loss import _DIVERGENCES, row_loss_options
 from .topk_kd_loss import check_topk
@@ -49,6 +49,7 @@ def fused_linear_kd_loss(
     chunk_size: int | None = None,
     logit_softcap: float | tuple[float | None, float | None] | None = None,
     logit_scale: float | tuple[float, float] = 1.0,
+    process_group=None,
 ):
     r""":func:`pykd.kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against
     ``teacher_hidden @ teacher_weight.T + teacher_bias``, without materializing the (BT, V) logits.
@@ -66,6 +67,12 @@ def fused_linear_kd_loss(
         num_items_in_batch, return_components, logit_softcap, logit_scale: as in
         :func:`pykd.kd_loss` (the logit map applies to each chunk's logits inside the row kernel).
         chunk_size: rows per chunk; None picks about 2^27 (CUDA) or 2^24 (CPU) logits per chunk.
+        process_group: vocabulary parallelism (a column-parallel lm_head): each rank passes its
+            contiguous slice of both weights' rows (V_r, H) (and biases), slices in rank order, and
+            the same hidden states and target (global ids) as every other rank. The loss is the
+            full-vocabulary loss; student_weight/bias get their slice's gradient and student_hidden
+            the full gradient (the ranks' partial gradients summed with one all-reduce). Per chunk, a
+            few floats per row are all-reduced (pykd.kd_loss's process_group).
 
     Returns:
         fp32 loss: 0-d, or (...) for ``reduction="none"``.
@@ -76,6 +83,28 @@ def fused_linear_kd_loss(
     across chunks and are rounded once. Gradients reach student_hidden, student_weight and
     student_bias, only those that require grad (a frozen lm_head skips the weight GEMM).
     """
+    group = vocab_parallel.group_name(process_group)
+    args = dict(
+        student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, target=target, student_bias=student_bias, teacher_bias=teacher_bias,
+        divergence=divergence, temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,
+        reduction=reduction, scale_by_t2=scale_by_t2, num_items_in_batch=num_items_in_batch,
+        return_components=return_components, chunk_size=chunk_size, logit_softcap=logit_softcap,
+        logit_scale=logit_scale, group=group,
+    )  # fmt: skip
+    if not group:
+        return _call(*_kd_prepare(**args)[0], reduction, return_components)
+    (op_args, lead), shard = vocab_parallel.setup(group, student_hidden, lambda: _kd_prepare(**args))
+    vocab_parallel.check_target(op_args[8], shard, op_args[15])
+    return _call(_sliced(op_args, shard), lead, reduction, return_components)
+
+
+def _kd_prepare(
+    *, student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
+    divergence, temperature, alpha, beta, ignore_index, reduction, scale_by_t2, num_items_in_batch,
+    return_components, chunk_size, logit_softcap, logit_scale, group,
+):  # fmt: skip
+    """fused_linear_kd_loss's checks: ((op arguments, lead), V, rows, options signature)."""
     _checks.choice("divergence", divergence, _DIVERGENCES)
     if divergence == "jsd":
         beta = _checks.real("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
@@ -89,13 +118,18 @@ def fused_linear_kd_loss(
             f"{tuple(teacher_hidden.shape)}"
         )
     V = ws.shape[0]
+    if group and teacher_weight.shape[0] != V:
+        raise ValueError(
+            "with process_group, teacher_weight must hold the student_weight's vocabulary slice: got "
+            f"{teacher_weight.shape[0]} and {V} rows"
+        )
     if teacher_weight.shape[0] < V:
         raise ValueError(
             f"teacher_weight must have at least the student's vocabulary V={V} rows, got "
             f"{tuple(teacher_weight.shape)}"
         )
     logit_map = _checks.logit_map(logit_softcap, logit_scale)
-    return _run(
+    return _prepare(
         lead,
         hs,
         ws,
@@ -126,6 +160,7 @@ def fused_linear_kd_loss(
         num_items_in_batch,
         return_components,
         chunk_size,
+        group,
     )
 
 
@@ -149,6 +184,7 @@ def fused_linear_topk_kd_loss(
     teacher_vocab_size: int | None = None,
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
+    process_group=None,
 ):
     r""":func:`pykd.topk_kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against a
     teacher given as top-K log-probabilities, without materializing the (BT, V) logits.
@@ -156,12 +192,38 @@ def fused_linear_topk_kd_loss(
     Shapes: student_hidden (..., H), student_weight (V, H), student_bias (V,), teacher_topk_logprobs and
     teacher_topk_indices (..., K). Options (teacher_vocab_size, logit_softcap and logit_scale
     included), precision and gradients as in
-    :func:`pykd.topk_kd_loss` and :func:`pykd.fused_linear_kd_loss`.
+    :func:`pykd.topk_kd_loss` and :func:`pykd.fused_linear_kd_loss`; ``process_group`` as in
+    :func:`pykd.fused_linear_kd_loss`, the top-K indices global vocabulary ids.
     """
+    group = vocab_parallel.group_name(process_group)
+
+    def prepare():
+        return _topk_prepare(student_hidden, student_weight, student_bias, teacher_topk_logprobs,
+                             teacher_topk_indices, target, temperature, alpha, tail, ignore_index, reduction,
+                             scale_by_t2, num_items_in_batch, return_components, chunk_size,
+                             teacher_vocab_size, logit_softcap, logit_scale, group)  # fmt: skip
+
+    if not group:
+        (args, lead), *_ = prepare()
+        return _call(args, lead, reduction, return_components)
+    (args, lead), shard = vocab_parallel.setup(group, student_hidden, prepare)
+    lp, idx = check_topk(teacher_topk_logprobs, teacher_topk_indices, lead, shard.total, tail, target,
+                         args[15], teacher_vocab_size)  # fmt: skip
+    vocab_parallel.check_target(args[8], shard, args[15])
+    args = (*args[:6], lp, idx, *args[8:])
+    return _call(_sliced(args, shard), lead, reduction, return_components)
+
+
+def _topk_prepare(
+    student_hidden, student_weight, student_bias, teacher_topk_logprobs, teacher_topk_indices, target,
+    temperature, alpha, tail, ignore_index, reduction, scale_by_t2, num_items_in_batch, return_components,
+    chunk_size, teacher_vocab_size, logit_softcap, logit_scale, group,
+):  # fmt: skip
+    """fused_linear_topk_kd_loss's checks: ((op arguments, lead), V, rows, options signature)."""
     hs, ws, bs, lead = _check_linear("student", student_hidden, student_weight, student_bias)
     _checks.tensor("teacher_topk_logprobs", teacher_topk_logprobs, float_dtype=True)
     _checks.tensor("teacher_topk_indices", teacher_topk_indices)
-    return _run(
+    return _prepare(
         lead,
         hs,
         ws,
@@ -188,7 +250,22 @@ def fused_linear_topk_kd_loss(
         num_items_in_batch,
         return_components,
         chunk_size,
+        group,
     )
+
+
+def default_chunk(device, V: int, world: int = 1) -> int:
+    """Rows per chunk: about 2^27 (CUDA) or 2^24 (CPU) fp32 logits of V / world entries each; every
+    rank of a vocabulary-parallel group gets the same number (the chunks' all-reduces must match)."""
+    return max(1, _CHUNK_ELEMS["cuda" if device.type == "cuda" else "cpu"] * world // V)
+
+
+def _sliced(args, shard):
+    """The fused op's arguments for a vocabulary slice: the default chunk size from the whole
+    vocabulary, then the group's name, the slice's offset and the vocabulary's size."""
+    if args[22] == 0:
+        args = (*args[:22], default_chunk(args[0].device, shard.total, shard.world))
+    return args + (shard.group.group_name, shard.start, shard.total)
 
 
 def _check_linear(who, hidden, weight, bias):
@@ -213,7 +290,7 @@ def _check_linear(who, hidden, weight, bias):
     return hidden.reshape(-1, H), weight, bias, hidden.shape[:-1]
 
 
-def _run(
+def _prepare(
     lead,
     hs,
     ws,
@@ -229,7 +306,9 @@ def _run(
     num_items_in_batch,
     return_components,
     chunk_size,
+    group,
 ):
+    """Checks the options; returns ((the fused op's arguments, lead), V, rows, options signature)."""
     V = ws.shape[0]
     named = [("student_hidden", hs), ("student_weight", ws)] + [
         (n, t) for n, t in teacher_named if t is not None
@@ -238,7 +317,7 @@ def _run(
         named.append(("student_bias", bs))
     temperature, alpha, ignore_index, num_items = row_loss_options(
         lead,
-        V,
+        None if group else V,
         hs.device,
         [n for n, _ in named],
         [t for _, t in named],
@@ -251,20 +330,20 @@ def _run(
         num_items_in_batch=num_items_in_batch,
         return_components=return_components,
     )
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMS["cuda" if hs.is_cuda else "cpu"] // V)
+    if chunk_size is None:  # a vocabulary slice's default waits for the whole vocabulary's size
+        chunk_size = 0 if group else default_chunk(hs.device, V)
     else:
         chunk_size = _checks.integer("chunk_size", chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     lp, idx = teacher["lp"], teacher["idx"]
-    if lp is not None:
+    if lp is not None and not group:  # a slice's indices are checked once the whole vocabulary is known
         lp, idx = check_topk(
             lp, idx, lead, V, teacher["tail"], target, ignore_index, teacher["teacher_vocab_size"]
         )
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hs, ws, bs)]
-    loss, soft, hard, *_ = torch.ops.pykd.fused_linear_kd_fwd(
+    args = (
         hs,
         ws,
         bs,
@@ -289,6 +368,19 @@ def _run(
         need[2],
         chunk_size,
     )
+    sig = ("fused_linear_kd", teacher["divergence"], temperature, alpha, teacher["beta"], ignore_index,
+           scale_by_t2, teacher["logit_map"], reduction, target is None, num_items is None, str(hs.dtype),
+           tuple(hs.shape), need, chunk_size, None if lp is None else tuple(lp.shape), teacher["tail"],
+           teacher["teacher_vocab_size"])  # fmt: skip
+    return (args, lead), V, hs.shape[0], sig
+
+
+def _call(args, lead, reduction, return_components):
+    """Runs the fused op on _prepare's arguments (plus, vocabulary-parallel, the group's name, the
+    slice's offset and the vocabulary's size)."""
+    if len(args) == 23:
+        args = args + ("", 0, 0)
+    loss, soft, hard, *_ = torch.ops.pykd.fused_linear_kd_fwd(*args)
     if reduction == "none":
         loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
     if return_components:
@@ -315,6 +407,19 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype)
     stores the gradient in grad_dtype directly (rounded once, no separate cast pass); the C++
     kernel keeps it fp32 (its CPU caller runs fp32 GEMMs)."""
     tgt = None if a["target"] is None else a["target"][c0:c1]
+    if a["shard"] is not None and a["lp"] is not None:  # a vocabulary slice: phases and all-reduces
+        return vocab_parallel.topk_loss_rows(
+            logits, a["lp"][c0:c1], a["idx"][c0:c1], tgt, num_items, a["temperature"], a["alpha"], a["tail"],
+            a["ignore_index"], a["scale_by_t2"], a["logit_map"][:2], reduction, compute_grad, a["shard"],
+            grad_dtype=grad_dtype,
+        )  # fmt: skip
+    if a["shard"] is not None:
+        t = _logits_f32(a["h_t"][c0:c1], a["w_t"], a["b_t"], a["w_t32"])
+        return vocab_parallel.kd_loss_rows(
+            logits, t, tgt, num_items, a["divergence"], a["temperature"], a["alpha"], a["beta"],
+            a["ignore_index"], a["scale_by_t2"], a["logit_map"], reduction, compute_grad, a["shard"],
+            grad_dtype=grad_dtype,
+        )  # fmt: skip
     extra = {}
     if grad_dtype != logits.dtype and _backend.runs_triton(logits.device):
         extra = dict(grad_dtype=grad_dtype)
@@ -422,6 +527,8 @@ def _run_chunks(a, *, need, row_scale=None):
     if not fold and reduction == "mean":  # fp16: grad_w/grad_b are fp32 until here, so fold now
         gw32 /= n
         gb32 /= n
+    if a["shard"] is not None and need[0]:
+        vocab_parallel.sum_hidden_grad_(gh, a["shard"])
     gw = gw32 if dtype == f32 else gw32.to(dtype)
     gb = gb32 if dtype == f32 else gb32.to(dtype)
     return loss, soft, hard, gh, gw, gb
@@ -436,9 +543,10 @@ def _cpu_f32_copy(w):
 
 def _args(
     h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-    tail, ignore_index, scale_by_t2, logit_map, reduction, chunk_size,
+    tail, ignore_index, scale_by_t2, logit_map, reduction, chunk_size, group, vocab_start, vocab_total,
 ):  # fmt: skip
     return dict(
+        shard=vocab_parallel.shard(group, w_s.shape[0], vocab_start, vocab_total) if group else None,
         h_s=h_s,
         w_s=w_s,
         b_s=b_s,
@@ -489,10 +597,16 @@ def _fused_linear_kd_fwd(
     need_w: bool,
     need_b: bool,
     chunk_size: int,
+    group: str,
+    vocab_start: int,
+    vocab_total: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, soft, hard, grad_h, grad_w, grad_b); the gradients only for "mean"/"sum" (else (0,))."""
+    """(loss, soft, hard, grad_h, grad_w, grad_b); the gradients only for "mean"/"sum" (else (0,)).
+    group (a process group's name, "" for none): the weights hold the vocabulary slice
+    [vocab_start, vocab_start + V) of vocab_total entries (pykd.vocab_parallel)."""
     a = _args(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-              tail, ignore_index, scale_by_t2, logit_map, reduction, chunk_size)  # fmt: skip
+              tail, ignore_index, scale_by_t2, logit_map, reduction, chunk_size, group, vocab_start,
+              vocab_total)  # fmt: skip
     need = (need_h, need_w, need_b and b_s is not None) if reduction != "none" else (False, False, False)
     return _drive(a, need=need)
 
@@ -522,10 +636,14 @@ def _fused_linear_kd_bwd(
     need_w: bool,
     need_b: bool,
     chunk_size: int,
+    group: str,
+    vocab_start: int,
+    vocab_total: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction="none" backward: recomputes the logits, scales row r's gradient by dloss[r]."""
     a = _args(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-              tail, ignore_index, scale_by_t2, logit_map, "none", chunk_size)  # fmt: skip
+              tail, ignore_index, scale_by_t2, logit_map, "none", chunk_size, group, vocab_start,
+              vocab_total)  # fmt: skip
     need = (need_h, need_w, need_b and b_s is not None)
     _, _, _, gh, gw, gb = _drive(a, need=need, row_scale=dloss.to(torch.float32))
     return gh, gw, gb
@@ -542,7 +660,8 @@ def _grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b):
 
 @_fused_linear_kd_fwd.register_fake
 def _(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta, tail,
-      ignore_index, scale_by_t2, logit_map, reduction, need_h, need_w, need_b, chunk_size):  # fmt: skip
+      ignore_index, scale_by_t2, logit_map, reduction, need_h, need_w, need_b, chunk_size, group, vocab_start,
+      vocab_total):  # fmt: skip
     shape = (h_s.shape[0],) if reduction == "none" else ()
     losses = [h_s.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     if reduction == "none":
@@ -552,7 +671,8 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temp
 
 @_fused_linear_kd_bwd.register_fake
 def _(dloss, h_s, w_s, b_s, h_t, w_t, b_t, lp, idx, target, num_items, divergence, temperature, alpha, beta,
-      tail, ignore_index, scale_by_t2, logit_map, need_h, need_w, need_b, chunk_size):  # fmt: skip
+      tail, ignore_index, scale_by_t2, logit_map, need_h, need_w, need_b, chunk_size, group, vocab_start,
+      vocab_total):  # fmt: skip
     return _grad_shapes(h_s, w_s, b_s, need_h, need_w, need_b)
 
 
@@ -580,7 +700,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dloss, dsoft, dhard, dgh, dgw, dgb):
     _backend.refuse_double_backward("fused_linear_kd_loss")
-    nones = (None,) * 20
+    nones = (None,) * 23
     if dloss is None:
         return (None, None, None, *nones)
     if ctx.reduction == "none":

@@ -7,9 +7,11 @@ scalar 1). CPU tensors run ``csrc/kd_loss.cpp``, CUDA tensors ``kernels/kd_loss.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, vocab_parallel
 from ._backend import has_cpp
 
 _DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
@@ -31,6 +33,7 @@ def kd_loss(
     return_components: bool = False,
     logit_softcap: float | tuple[float | None, float | None] | None = None,
     logit_scale: float | tuple[float, float] = 1.0,
+    process_group=None,
 ):
     r"""Knowledge-distillation loss between student and teacher logits, fused with hard-label CE.
 
@@ -76,6 +79,12 @@ def kd_loss(
             same way, detached) for logging: ``(loss, soft, hard)``.
         logit_softcap: c > 0, a pair, or None.
         logit_scale: a > 0, or a pair.
+        process_group: vocabulary parallelism (a ``torch.distributed`` group): each rank passes its
+            contiguous slice (..., V_r) of both models' logits, slices in rank order, the same rows
+            and target (global vocabulary ids) everywhere. The loss is the full-vocabulary loss on
+            every rank, the gradient each rank's slice of it; the logits are never gathered (a few
+            floats per row are all-reduced; see docs/distributed.md). DTensor logits sharded on the
+            last dim (``Shard(-1)`` on a 1-D mesh) are accepted without a group.
 
     Returns:
         fp32 loss: 0-d, or (...) for ``reduction="none"``.
@@ -88,8 +97,43 @@ def kd_loss(
     grad_output arrives before the 1/n could underflow fp16. On CPU a teacher whose dtype differs
     from the student's is read through an fp32 copy.
     """
+    student_logits, teacher_logits, target, group = vocab_parallel.unwrap(
+        student_logits, teacher_logits, target, process_group
+    )
+    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
+                num_items_in_batch=num_items_in_batch, return_components=return_components,
+                logit_softcap=logit_softcap, logit_scale=logit_scale)  # fmt: skip
+    if group:
+        # every rank checks its arguments, then one all-gather agrees on them and on the slices
+        args, shard = vocab_parallel.setup(
+            group, student_logits, lambda: _kd_args(student_logits, teacher_logits, target, group, **opts)
+        )
+        vocab_parallel.check_target(args[2], shard, args[8])
+        loss, soft, hard, _ = torch.ops.pykd.kd_loss_vp_fwd(*args, group, shard.start, shard.total)
+    else:
+        args, *_ = _kd_args(student_logits, teacher_logits, target, group, **opts)
+        loss, soft, hard, _ = torch.ops.pykd.kd_loss_fwd(*args)
+    lead = student_logits.shape[:-1]
+    if reduction == "none":
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    if return_components:
+        return loss, soft.detach(), hard.detach()
+    return loss
+
+
+def _kd_args(
+    student_logits, teacher_logits, target, group, *, divergence, temperature, alpha, beta, ignore_index,
+    reduction, scale_by_t2, num_items_in_batch, return_components, logit_softcap, logit_scale,
+):  # fmt: skip
+    """Checks kd_loss's arguments; returns (kd_loss_fwd's arguments, V, rows, the options' signature)."""
     _checks.tensor("student_logits", student_logits, float_dtype=True)
     _checks.tensor("teacher_logits", teacher_logits, float_dtype=True)
+    if group and teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(
+            "with process_group, teacher_logits must hold the same vocabulary slice as student_logits: "
+            f"got {teacher_logits.shape[-1]} and {student_logits.shape[-1]} entries"
+        )
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
         raise ValueError(
             f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}"
@@ -114,7 +158,7 @@ def kd_loss(
     lead = student_logits.shape[:-1]
     temperature, alpha, ignore_index, num_items = row_loss_options(
         lead,
-        V,
+        None if group else V,  # a slice's targets range over the whole vocabulary
         student_logits.device,
         ["student_logits", "teacher_logits"],
         [student_logits, teacher_logits],
@@ -128,7 +172,7 @@ def kd_loss(
         return_components=return_components,
     )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, soft, hard, _ = torch.ops.pykd.kd_loss_fwd(
+    args = (
         student_logits.reshape(-1, V),
         teacher_logits.detach()[..., :V].reshape(-1, V),
         None if target is None else target.reshape(-1),
@@ -143,11 +187,9 @@ def kd_loss(
         reduction,
         compute_grad,
     )
-    if reduction == "none":
-        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
-    if return_components:
-        return loss, soft.detach(), hard.detach()
-    return loss
+    sig = ("kd_loss", divergence, temperature, alpha, beta, ignore_index, scale_by_t2, logit_map, reduction,
+           target is None, num_items is None, str(student_logits.dtype), compute_grad)  # fmt: skip
+    return args, V, args[0].shape[0], sig
 
 
 def row_loss_options(
@@ -167,7 +209,8 @@ def row_loss_options(
     return_components,
 ):
     """Checks the options every row loss shares (kd_loss, topk_kd_loss and their fused-linear
-    forms): rows of shape ``lead`` over a vocabulary of V on ``device``; ``names``/``tensors`` are
+    forms): rows of shape ``lead`` over a vocabulary of V (None: a vocabulary-parallel slice, whose
+    targets pykd.vocab_parallel checks) on ``device``; ``names``/``tensors`` are
     the op's tensors, checked to share a device with target.
     Returns (temperature, alpha, ignore_index, num_items) with alpha's default resolved and
     num_items a 0-d tensor or None."""
@@ -213,7 +256,7 @@ def row_loss_options(
                 f"num_items_in_batch must be on {device} or a CPU scalar, got {num_items.device}"
             )
     _checks.same_device(names, tensors)
-    if target is not None and _backend.debug() and _checks.inspectable(target):
+    if V is not None and target is not None and _backend.debug() and _checks.inspectable(target):
         _check_target_range(target, V, ignore_index)  # C++ checks CPU targets itself
     _backend.require_cpp()
     return temperature, alpha, ignore_index, num_items
@@ -292,6 +335,15 @@ def register_row_loss_autograd(
     torch.library.register_autograd(f"pykd::{op}_fwd", backward, setup_context=setup_context)
 
 
+def _shard_fake(student, *args):
+    """Fake kernel of a vocabulary-slice phase: (R, 8) stats, (R, 2) sums or the (R, V) gradient."""
+    phase = args[-3]
+    R, V = student.shape
+    if phase == 3:
+        return student.new_empty((R, V))
+    return student.new_empty((R, 8 if phase == 1 else 2), dtype=torch.float32)
+
+
 def row_loss_fake(student, *args):
     """Fake kernel of a row-loss op: (loss, soft, hard, grad) from the student's (R, V) shape;
     the last two arguments are reduction and compute_grad."""
@@ -308,8 +360,43 @@ def row_loss_fake(student, *args):
     )
 
 
+@torch.library.custom_op("pykd::kd_loss_vp_fwd", mutates_args=())
+def _kd_loss_vp_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    num_items: Optional[torch.Tensor],
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    ignore_index: int,
+    scale_by_t2: bool,
+    logit_map: list[float],
+    reduction: str,
+    compute_grad: bool,
+    group: str,
+    vocab_start: int,
+    vocab_total: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kd_loss_fwd`` on the vocabulary slice [vocab_start, vocab_start + V) of a vocab_total-entry
+    vocabulary split over the process group named ``group`` (pykd.vocab_parallel)."""
+    shard = vocab_parallel.shard(group, student.shape[1], vocab_start, vocab_total)
+    return vocab_parallel.kd_loss_rows(
+        student, teacher, target, num_items, divergence, temperature, alpha, beta, ignore_index,
+        scale_by_t2, logit_map, reduction, compute_grad, shard,
+    )  # fmt: skip
+
+
+@_kd_loss_vp_fwd.register_fake
+def _(student, *args):
+    return row_loss_fake(student, *args[:-3])
+
+
 if has_cpp():
     torch.library.register_fake("pykd::kd_loss_fwd")(row_loss_fake)
+    torch.library.register_fake("pykd::kd_loss_shard")(_shard_fake)
+    register_row_loss_autograd("kd_loss_vp", target=2, num_items=3, ignore_index=8, reduction=11)
     torch.library.register_fake("pykd::scale_rows_")(lambda x, scale: None)
     register_row_loss_autograd("kd_loss", target=2, num_items=3, ignore_index=8, reduction=11)
     if _backend.HAS_TRITON:
@@ -317,4 +404,5 @@ if has_cpp():
         from .kernels import kd_loss as _kkd
 
         _backend.triton_impl("kd_loss_fwd")(_kkd.kd_loss_fwd)
+        _backend.triton_impl("kd_loss_shard")(_kkd.kd_loss_shard)
         _backend.triton_impl("scale_rows_")(_kcommon.scale_rows_)

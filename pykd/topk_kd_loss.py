@@ -7,9 +7,11 @@ CPU tensors run ``csrc/topk_kd_loss.cpp``, CUDA tensors ``kernels/topk_kd_loss.p
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, vocab_parallel
 from ._backend import has_cpp
 from .kd_loss import register_row_loss_autograd, row_loss_fake, row_loss_options
 
@@ -31,6 +33,7 @@ def topk_kd_loss(
     teacher_vocab_size: int | None = None,
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
+    process_group=None,
 ):
     r"""Forward KL from a teacher known only by its top-K log-probabilities (an inference server's
     logprobs, an offline dump), fused with hard-label CE.
@@ -69,6 +72,9 @@ def topk_kd_loss(
             unknown and stays in it); with ``tail=False`` the renormalization over K leaves them out.
         logit_softcap, logit_scale: the student's logit map, one number each (see
             :func:`pykd.kd_loss`).
+        process_group: vocabulary parallelism, as in :func:`pykd.kd_loss`: each rank passes its slice
+            of the student's logits and the same top-K tensors, whose indices stay global vocabulary
+            ids (V is then the sum of the slices). DTensor logits sharded on the last dim are accepted.
 
     Returns:
         fp32 loss: 0-d, or (...) for ``reduction="none"``; ``(loss, soft, hard)`` with
@@ -78,6 +84,42 @@ def topk_kd_loss(
     ``torch.compile`` they are skipped and invalid indices are ignored by the kernel rather than
     read out of bounds. The gradient is computed in the forward, as in :func:`pykd.kd_loss`.
     """
+    student_logits, _, target, group = vocab_parallel.unwrap(student_logits, None, target, process_group)
+    opts = dict(temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
+                reduction=reduction,
+                scale_by_t2=scale_by_t2, num_items_in_batch=num_items_in_batch,
+                return_components=return_components, teacher_vocab_size=teacher_vocab_size,
+                logit_softcap=logit_softcap, logit_scale=logit_scale)  # fmt: skip
+    lp, idx = teacher_topk_logprobs, teacher_topk_indices
+    if group:
+        # every rank checks its arguments and one all-gather agrees on them; the indices are
+        # checked against the whole vocabulary (the sum of the slices) after it
+        args, shard = vocab_parallel.setup(
+            group, student_logits, lambda: _topk_args(student_logits, lp, idx, target, True, **opts)
+        )
+        lp, idx = check_topk(lp, idx, student_logits.shape[:-1], shard.total, tail, target, args[8],
+                             teacher_vocab_size)  # fmt: skip
+        vocab_parallel.check_target(args[3], shard, args[8])
+        args = (args[0], lp, idx, *args[3:])
+        loss, soft, hard, _ = torch.ops.pykd.topk_kd_loss_vp_fwd(*args, group, shard.start, shard.total)
+    else:
+        args, *_ = _topk_args(student_logits, lp, idx, target, False, **opts)
+        loss, soft, hard, _ = torch.ops.pykd.topk_kd_loss_fwd(*args)
+    lead = student_logits.shape[:-1]
+    if reduction == "none":
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    if return_components:
+        return loss, soft.detach(), hard.detach()
+    return loss
+
+
+def _topk_args(
+    student_logits, teacher_topk_logprobs, teacher_topk_indices, target, sliced, *, temperature, alpha, tail,
+    ignore_index, reduction, scale_by_t2, num_items_in_batch, return_components, teacher_vocab_size,
+    logit_softcap, logit_scale,
+):  # fmt: skip
+    """Checks topk_kd_loss's arguments; returns (topk_kd_loss_fwd's arguments, V, rows, the options'
+    signature). ``sliced``: a vocabulary slice, whose top-K tensors the caller checks afterwards."""
     _checks.tensor("student_logits", student_logits, float_dtype=True)
     _checks.tensor("teacher_topk_logprobs", teacher_topk_logprobs, float_dtype=True)
     _checks.tensor("teacher_topk_indices", teacher_topk_indices)
@@ -88,7 +130,7 @@ def topk_kd_loss(
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     temperature, alpha, ignore_index, num_items = row_loss_options(
         lead,
-        V,
+        None if sliced else V,
         student_logits.device,
         ["student_logits", "teacher_topk_logprobs", "teacher_topk_indices"],
         [student_logits, teacher_topk_logprobs, teacher_topk_indices],
@@ -102,11 +144,11 @@ def topk_kd_loss(
         return_components=return_components,
     )
     logit_map = _checks.logit_map(logit_softcap, logit_scale, teacher=False)
-    lp, idx = check_topk(
-        teacher_topk_logprobs, teacher_topk_indices, lead, V, tail, target, ignore_index, teacher_vocab_size
-    )
+    lp, idx = teacher_topk_logprobs, teacher_topk_indices
+    if not sliced:  # a slice's indices are checked once the whole vocabulary is known
+        lp, idx = check_topk(lp, idx, lead, V, tail, target, ignore_index, teacher_vocab_size)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, soft, hard, _ = torch.ops.pykd.topk_kd_loss_fwd(
+    args = (
         student_logits.reshape(-1, V),
         lp,
         idx,
@@ -121,11 +163,10 @@ def topk_kd_loss(
         reduction,
         compute_grad,
     )
-    if reduction == "none":
-        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
-    if return_components:
-        return loss, soft.detach(), hard.detach()
-    return loss
+    sig = ("topk_kd_loss", temperature, alpha, tail, ignore_index, scale_by_t2, logit_map, reduction,
+           target is None, num_items is None, str(student_logits.dtype), compute_grad, tuple(lp.shape),
+           teacher_vocab_size)  # fmt: skip
+    return args, V, args[0].shape[0], sig
 
 
 def check_topk(lp, idx, lead, V, tail, target, ignore_index, teacher_vocab_size=None):
@@ -188,10 +229,54 @@ def _check_topk_values(lp, idx, V, tail, rows):
         )
 
 
+@torch.library.custom_op("pykd::topk_kd_loss_vp_fwd", mutates_args=())
+def _topk_kd_loss_vp_fwd(
+    student: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    target: Optional[torch.Tensor],
+    num_items: Optional[torch.Tensor],
+    temperature: float,
+    alpha: float,
+    tail: bool,
+    ignore_index: int,
+    scale_by_t2: bool,
+    logit_map: list[float],
+    reduction: str,
+    compute_grad: bool,
+    group: str,
+    vocab_start: int,
+    vocab_total: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk_kd_loss_fwd`` on the vocabulary slice [vocab_start, vocab_start + V) of a vocab_total-entry
+    vocabulary split over the process group named ``group`` (pykd.vocab_parallel)."""
+    shard = vocab_parallel.shard(group, student.shape[1], vocab_start, vocab_total)
+    return vocab_parallel.topk_loss_rows(
+        student, topk_logprobs, topk_indices, target, num_items, temperature, alpha, tail, ignore_index,
+        scale_by_t2, logit_map, reduction, compute_grad, shard,
+    )  # fmt: skip
+
+
+@_topk_kd_loss_vp_fwd.register_fake
+def _(student, *args):
+    return row_loss_fake(student, *args[:-3])
+
+
+def _shard_fake(student, *args):
+    """Fake kernel of a vocabulary-slice phase: (R, 10) stats or the (R, V) gradient."""
+    R, V = student.shape
+    if args[-3] == 2:
+        return student.new_empty((R, V))
+    return student.new_empty((R, 10), dtype=torch.float32)
+
+
 if has_cpp():
     torch.library.register_fake("pykd::topk_kd_loss_fwd")(row_loss_fake)
+    torch.library.register_fake("pykd::topk_kd_loss_shard")(_shard_fake)
     register_row_loss_autograd("topk_kd_loss", target=3, num_items=4, ignore_index=8, reduction=11)
+    register_row_loss_autograd("topk_kd_loss_vp", target=3, num_items=4, ignore_index=8, reduction=11)
     if _backend.HAS_TRITON:
         from .kernels import topk_kd_loss as _ktopk
 
         _backend.triton_impl("topk_kd_loss_fwd")(_ktopk.topk_kd_loss_fwd)
+        _backend.triton_impl("topk_kd_loss_shard")(_ktopk.topk_kd_loss_shard)

@@ -65,7 +65,8 @@ def compile_all(arch: int) -> int:
         p = PTR[dtype]
         sig = {
             "s_ptr": p, "t_ptr": p, "target_ptr": "*i64", "scale_ptr": "*fp32", "g_ptr": p,
-            "soft_ptr": "*fp32", "hard_ptr": "*fp32", "R": "i32", "V": "i32", "stride_s": "i32",
+            "soft_ptr": "*fp32", "hard_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32",
+            "V": "i32", "V_total": "i32", "vocab_start": "i32", "stride_s": "i32",
             "stride_t": "i32", "stride_g": "i32", "inv_t": "fp32", "alpha_w": "fp32",
             "one_minus_alpha": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1mb": "fp32",
             "ignore_index": "i32", "s_scale": "fp32", "s_cap": "fp32", "t_scale": "fp32", "t_cap": "fp32",
@@ -76,7 +77,7 @@ def compile_all(arch: int) -> int:
                 for has_target, same_t, grad in ((True, False, True), (False, True, False)):
                     # the soft-cap (tanh) path compiled with the target variant
                     cst = dict(DIV=div, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
-                               S_CAP=has_target, T_CAP=has_target, BLOCK_V=block_v)  # fmt: skip
+                               S_CAP=has_target, T_CAP=has_target, PHASE=0, BLOCK_V=block_v)  # fmt: skip
                     src = ASTSource(
                         fn=kd_loss._kd_loss_kernel,
                         signature=dict(sig, **{k: "constexpr" for k in cst}),
@@ -85,6 +86,16 @@ def compile_all(arch: int) -> int:
                     build(src, target, f"kd_loss {dtype} V={V} {common.DIVERGENCES[div]} target={has_target}",
                           num_warps=num_warps)  # fmt: skip
                     n += 1
+        if dtype == "bfloat16":  # the vocabulary-slice phases (process_group=), at a quarter of 128256
+            block_v, num_warps = kd_loss.launch_config(32064)
+            for div, phase in (("kl", 1), ("kl", 3), ("jsd", 2), ("jsd", 3), ("mse", 1), ("mse", 3)):
+                cst = dict(DIV=common.DIVERGENCES.index(div), HAS_TARGET=True, SAME_T=False,
+                           COMPUTE_GRAD=phase == 3, S_CAP=False, T_CAP=False, PHASE=phase,
+                           BLOCK_V=block_v)  # fmt: skip
+                signature = dict(sig, **dict.fromkeys(cst, "constexpr"))
+                src = ASTSource(fn=kd_loss._kd_loss_kernel, signature=signature, constexprs=cst)
+                build(src, target, f"kd_loss {dtype} V=32064 {div} phase={phase}", num_warps=num_warps)
+                n += 1
         for per_row in (True, False):
             cst = {"PER_ROW": per_row, "BLOCK": 4096}
             sig = {"x_ptr": p, "scale_ptr": "*fp32", "C": "i32", "n_elem": "i64"}
@@ -126,21 +137,29 @@ def compile_topk(target) -> int:
         p = PTR[dtype]
         sig = {
             "s_ptr": p, "lp_ptr": "*fp32", "idx_ptr": "*i64", "target_ptr": "*i64", "scale_ptr": "*fp32",
-            "g_ptr": p, "soft_ptr": "*fp32", "hard_ptr": "*fp32", "R": "i32", "V": "i32", "K": "i32",
+            "g_ptr": p, "soft_ptr": "*fp32", "hard_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*fp32",
+            "R": "i32", "V": "i32", "V_total": "i32", "vocab_start": "i32", "K": "i32",
             "stride_s": "i32", "stride_k": "i32", "stride_g": "i32", "inv_t": "fp32", "alpha_w": "fp32",
             "one_minus_alpha": "fp32", "ignore_index": "i32", "s_scale": "fp32", "s_cap": "fp32",
         }  # fmt: skip
-        for tail in (True, False):
-            for has_target, same_t, grad in ((True, False, True), (False, True, False)):
-                cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
-                           BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW, S_CAP=has_target)  # fmt: skip
-                src = ASTSource(
-                    fn=K._topk_kd_loss_kernel,
-                    signature=dict(sig, **{k: "constexpr" for k in cst}),
-                    constexprs=cst,
-                )
-                build(src, target, f"topk_kd_loss {dtype} tail={tail} target={has_target}", num_warps=8)
-                n += 1
+        variants = [(tail, t, 0) for tail in (True, False) for t in (True, False)]
+        if dtype == "bfloat16":  # the vocabulary-slice phases (process_group=)
+            variants += [(tail, True, phase) for tail in (True, False) for phase in (1, 2)]
+        for tail, has_target, phase in variants:
+            grad = phase == 2 or (phase == 0 and has_target)
+            cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=not has_target, COMPUTE_GRAD=grad,
+                       BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW, S_CAP=has_target and phase == 0,
+                       PHASE=phase)  # fmt: skip
+            src = ASTSource(
+                fn=K._topk_kd_loss_kernel,
+                signature=dict(sig, **{k: "constexpr" for k in cst}),
+                constexprs=cst,
+            )
+            label = f"topk_kd_loss {dtype} tail={tail} target={has_target}" + (
+                f" phase={phase}" if phase else ""
+            )
+            build(src, target, label, num_warps=8)
+            n += 1
     return n
 
 

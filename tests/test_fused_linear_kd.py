@@ -429,6 +429,9 @@ def test_opcheck(backend):
             True,
             True,
             3,
+            "",
+            0,
+            0,
         ),
         (
             h,
@@ -450,6 +453,9 @@ def test_opcheck(backend):
             False,
             False,
             4,
+            "",
+            0,
+            0,
         ),
         (
             h,
@@ -471,6 +477,9 @@ def test_opcheck(backend):
             True,
             True,
             2,
+            "",
+            0,
+            0,
         ),  # fmt: skip
     ]
     with backend():
@@ -478,7 +487,7 @@ def test_opcheck(backend):
             torch.library.opcheck(torch.ops.pykd.fused_linear_kd_fwd.default, args)
         dloss = torch.rand(7, device=backend.device)
         bwd = (dloss, x["h"], x["w"], x["b"], *kd, x["y"], None, "kl", 2.0, 0.5, 0.5, False, -100, True,
-               [1.0, 5.0, 1.0, 0.0], True, True, True, 3)  # fmt: skip
+               [1.0, 5.0, 1.0, 0.0], True, True, True, 3, "", 0, 0)  # fmt: skip
         torch.library.opcheck(torch.ops.pykd.fused_linear_kd_bwd.default, bwd)
 
 

@@ -493,6 +493,19 @@ def test_opcheck(backend):
         for args in cases:
             torch.library.opcheck(torch.ops.pykd.kd_loss_fwd.default, args)
         torch.library.opcheck(torch.ops.pykd.scale_rows_.default, (s.clone(), torch.rand(5, device=s.device)))
+        # the vocabulary-slice phases of process_group=: stats, partial sums, gradient
+        lse = torch.randn(5, 2, device=s.device)
+        row = torch.cat([lse, torch.randn(5, 2, device=s.device), torch.zeros(5, 1, device=s.device)], 1)
+        one = torch.tensor(0.25, device=s.device)
+        for phase, st, div in (
+            (1, None, "kl"),
+            (1, None, "mse"),
+            (2, lse, "jsd"),
+            (3, row, "tvd"),
+            (3, row, "mse"),
+        ):
+            args = (s, t, y, st, one, div, 2.0, 0.5, 0.5, -100, True, [1.0, 3.0, 1.0, 0.0], phase, 4, 40)
+            torch.library.opcheck(torch.ops.pykd.kd_loss_shard.default, args)
         torch.library.opcheck(
             torch.ops.pykd.scale_rows_.default, (s.clone(), torch.tensor(0.5, device=s.device))
         )

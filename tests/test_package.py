@@ -247,6 +247,7 @@ def test_cli_bench_all_quick(tmp_path):
         "fused_linear_kd_quick.csv",
         "sparse_quant_n_quick.csv",
         "distill_trainer_quick.csv",
+        "distributed_quick.csv",
     }
     assert want <= names, names
     assert ",pykd_topk," in (tmp_path / dev / "attention_kd_d64_quick.csv").read_text()

@@ -15,7 +15,7 @@ class KDLoss(torch.nn.Module):
     """Module form of :func:`pykd.kd_loss`; the options are fixed at construction.
 
     ``forward(student_logits, teacher_logits, target=None, num_items_in_batch=None)``; shapes as in
-    :func:`pykd.kd_loss`.
+    :func:`pykd.kd_loss`. ``process_group``: vocabulary-parallel logits (see :func:`pykd.kd_loss`).
     """
 
     def __init__(
@@ -31,8 +31,10 @@ class KDLoss(torch.nn.Module):
         return_components: bool = False,
         logit_softcap: float | tuple | None = None,
         logit_scale: float | tuple = 1.0,
+        process_group=None,
     ):
         super().__init__()
+        self.process_group = process_group
         self.logit_softcap = logit_softcap
         self.logit_scale = logit_scale
         self.divergence = divergence
@@ -60,6 +62,7 @@ class KDLoss(torch.nn.Module):
             return_components=self.return_components,
             logit_softcap=self.logit_softcap,
             logit_scale=self.logit_scale,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -111,14 +114,16 @@ class FusedLinearKDLoss(torch.nn.Module):
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
     student_bias=None, teacher_bias=None, num_items_in_batch=None)``: hidden (..., H_s) / (..., H_t),
     weights (V, H_s) / (V, H_t) as ``lm_head.weight``; pass ``lm_head.bias`` as the biases if any.
+    ``process_group``: a column-parallel lm_head (see :func:`pykd.fused_linear_kd_loss`).
     """
 
     def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, alpha: float | None = None,
                  beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
                  scale_by_t2: bool = True, return_components: bool = False,
                  chunk_size: int | None = None, logit_softcap: float | tuple | None = None,
-                 logit_scale: float | tuple = 1.0):  # fmt: skip
+                 logit_scale: float | tuple = 1.0, process_group=None):  # fmt: skip
         super().__init__()
+        self.process_group = process_group
         self.options = dict(
             divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
             ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
@@ -131,7 +136,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias,
-            num_items_in_batch=num_items_in_batch, **self.options,
+            num_items_in_batch=num_items_in_batch, process_group=self.process_group, **self.options,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -142,14 +147,17 @@ class TopKKDLoss(torch.nn.Module):
     """Module form of :func:`pykd.topk_kd_loss` (a teacher given as top-K log-probabilities).
 
     ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, target=None,
-    num_items_in_batch=None)``; shapes as in :func:`pykd.topk_kd_loss`.
+    num_items_in_batch=None)``; shapes as in :func:`pykd.topk_kd_loss`. ``process_group``: vocabulary-
+    parallel student logits (see :func:`pykd.topk_kd_loss`).
     """
 
     def __init__(self, *, temperature: float = 1.0, alpha: float | None = None, tail: bool = True,
                  ignore_index: int = -100, reduction: str = "mean", scale_by_t2: bool = True,
                  return_components: bool = False, teacher_vocab_size: int | None = None,
-                 logit_softcap: float | None = None, logit_scale: float = 1.0):  # fmt: skip
+                 logit_softcap: float | None = None, logit_scale: float = 1.0,
+                 process_group=None):  # fmt: skip
         super().__init__()
+        self.process_group = process_group
         self.options = dict(
             temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
             reduction=reduction, scale_by_t2=scale_by_t2, return_components=return_components,
@@ -160,7 +168,7 @@ class TopKKDLoss(torch.nn.Module):
                 num_items_in_batch=None):  # fmt: skip
         return topk_kd_loss(
             student_logits, teacher_topk_logprobs, teacher_topk_indices, target,
-            num_items_in_batch=num_items_in_batch, **self.options,
+            num_items_in_batch=num_items_in_batch, process_group=self.process_group, **self.options,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
