@@ -254,17 +254,19 @@ def _topk_prepare(
     )
 
 
-def default_chunk(device, V: int, world: int = 1) -> int:
-    """Rows per chunk: about 2^27 (CUDA) or 2^24 (CPU) fp32 logits of V / world entries each; every
-    rank of a vocabulary-parallel group gets the same number (the chunks' all-reduces must match)."""
-    return max(1, _CHUNK_ELEMS["cuda" if device.type == "cuda" else "cpu"] * world // V)
+def default_chunk(device, V: int) -> int:
+    """Rows per chunk: about 2^27 (CUDA) or 2^24 (CPU) fp32 logits of V entries. A vocabulary slice
+    takes the rows a single process would over the whole vocabulary (V the sum of the slices): the
+    same on every rank (the chunks' all-reduces must match), and its chunk buffers 1/P of one
+    process's."""
+    return max(1, _CHUNK_ELEMS["cuda" if device.type == "cuda" else "cpu"] // V)
 
 
 def _sliced(args, shard):
     """The fused op's arguments for a vocabulary slice: the default chunk size from the whole
     vocabulary, then the group's name, the slice's offset and the vocabulary's size."""
     if args[22] == 0:
-        args = (*args[:22], default_chunk(args[0].device, shard.total, shard.world))
+        args = (*args[:22], default_chunk(args[0].device, shard.total))
     return args + (shard.group.group_name, shard.start, shard.total)
 
 
