@@ -228,19 +228,13 @@ def kd_loss_rows(
     """``pykd::kd_loss_fwd``'s (loss, soft, hard, grad) on this rank's (R, V_local) slices; loss,
     soft and hard are the full-vocabulary values (the same on every rank), grad the local slice of
     d loss / d student."""
-    R = student.shape[0]
-    dev = student.device
     has_t = target is not None
     need_h = has_t and (temperature != 1.0 or divergence == "mse")
-    n, scale = _backend.row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
-    extra = {}
-    if grad_dtype is not None and grad_dtype != student.dtype and _backend.runs_triton(dev):
-        extra = dict(grad_dtype=grad_dtype)
-    op = _backend.triton_launcher("kd_loss_shard") if extra else torch.ops.pykd.kd_loss_shard
+    n, scale, op = _phase_op("kd_loss_shard", student, target, ignore_index, num_items, reduction, grad_dtype)
 
     def phase(k, stats=None):
         return op(student, teacher, target, stats, scale, divergence, temperature, alpha, beta, ignore_index,
-                  scale_by_t2, logit_map, k, shard.start, shard.total, **extra)  # fmt: skip
+                  scale_by_t2, logit_map, k, shard.start, shard.total)  # fmt: skip
 
     acc_col = {"kl": 1, "soft_ce": 1, "reverse_kl": 0}.get(divergence)
     lse, l_sum, acc, s_y = _combine_stats(phase(1), acc_col, shard)
@@ -263,15 +257,39 @@ def kd_loss_rows(
     if divergence != "mse":
         poison = torch.where(torch.isnan(lse_s + lse_t), math.nan, 0.0)
     soft = soft + poison
-    hard = lse_h - s_y if has_t else torch.zeros_like(soft)
-    if has_t:
+    grad = phase(3, torch.stack([lse_s, lse_t, lse_h, stat, poison], 1)) if compute_grad else None
+    alpha_w = alpha * (1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature)
+    return _finish(soft, lse_h - s_y, grad, student, target, ignore_index, alpha_w, alpha, reduction, n,
+                   grad_dtype)  # fmt: skip
+
+
+def _phase_op(name, student, target, ignore_index, num_items, reduction, grad_dtype):
+    """(n, scale, op) for a row loss on a slice: the "mean" denominator, the factor the stored
+    gradient carries, and the phase op ``pykd::<name>`` (Triton's launcher itself when the gradient's
+    dtype is not the logits', an option the op's schema does not carry)."""
+    R, dev = student.shape[0], student.device
+    n, scale = _backend.row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
+    op = getattr(torch.ops.pykd, name)
+    if grad_dtype is not None and grad_dtype != student.dtype and _backend.runs_triton(dev):
+        launcher = _backend.triton_launcher(name)
+
+        def op(*args):
+            return launcher(*args, grad_dtype=grad_dtype)
+
+    return n, scale, op
+
+
+def _finish(soft, hard, grad, student, target, ignore_index, alpha_w, alpha, reduction, n, grad_dtype):
+    """kd_loss_fwd's (loss, soft, hard, grad) from the rows' full-vocabulary soft and hard terms:
+    ignored rows count for nothing (their stats are zeros, so their terms are garbage until here)."""
+    if target is None:
+        hard = torch.zeros_like(soft)
+    else:
         keep = target != ignore_index
         soft = torch.where(keep, soft, 0.0)
         hard = torch.where(keep, hard, 0.0)
-    grad = student.new_empty((0,), dtype=grad_dtype or student.dtype)
-    if compute_grad:
-        grad = phase(3, torch.stack([lse_s, lse_t, lse_h, stat, poison], 1))
-    alpha_w = alpha * (1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature)
+    if grad is None:
+        grad = student.new_empty((0,), dtype=grad_dtype or student.dtype)
     loss, soft, hard = _backend.finish_rows(soft, hard, alpha_w, alpha, reduction, n)
     return loss, soft, hard, grad
 
@@ -282,19 +300,14 @@ def topk_loss_rows(
 ):  # fmt: skip
     """``pykd::topk_kd_loss_fwd``'s (loss, soft, hard, grad) on this rank's (R, V_local) student slice;
     the top-K rows (R, K) hold global ids, sorted; ids >= the whole vocabulary are dropped."""
-    R = student.shape[0]
-    dev = student.device
-    has_t = target is not None
-    need_h = has_t and temperature != 1.0
-    n, scale = _backend.row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
-    extra = {}
-    if grad_dtype is not None and grad_dtype != student.dtype and _backend.runs_triton(dev):
-        extra = dict(grad_dtype=grad_dtype)
-    op = _backend.triton_launcher("topk_kd_loss_shard") if extra else torch.ops.pykd.topk_kd_loss_shard
+    R, dev = student.shape[0], student.device
+    need_h = target is not None and temperature != 1.0
+    n, scale, op = _phase_op("topk_kd_loss_shard", student, target, ignore_index, num_items, reduction,
+                             grad_dtype)  # fmt: skip
 
     def phase(k, stats=None):
         return op(student, lp, idx, target, stats, scale, temperature, alpha, tail, ignore_index, scale_by_t2,
-                  logit_map, k, shard.start, shard.total, **extra)  # fmt: skip
+                  logit_map, k, shard.start, shard.total)  # fmt: skip
 
     st = phase(1)  # (m, l) of the sweep, of the raw logits, of the K entries; pz, f(s)[y], sum_p, plp
     m = st[:, [0, 2, 4]]
@@ -320,14 +333,7 @@ def topk_loss_rows(
     p_safe = torch.where(p_tail > 0, p_tail, 1.0)
     soft = soft + torch.where(p_tail > 0, p_tail * (torch.log(p_safe) - lse_out + lse), 0.0)
     lse_h = lse_hh if need_h else lse
-    hard = lse_h - s_y if has_t else zero
-    if has_t:
-        keep = target != ignore_index
-        soft = torch.where(keep, soft, 0.0)
-        hard = torch.where(keep, hard, 0.0)
-    grad = student.new_empty((0,), dtype=grad_dtype or student.dtype)
-    if compute_grad:
-        grad = phase(2, torch.stack([lse, lse_out, lse_h, p_tail, mass], 1))
+    grad = phase(2, torch.stack([lse, lse_out, lse_h, p_tail, mass], 1)) if compute_grad else None
     alpha_w = alpha * (temperature * temperature if scale_by_t2 else 1.0)
-    loss, soft, hard = _backend.finish_rows(soft, hard, alpha_w, alpha, reduction, n)
-    return loss, soft, hard, grad
+    return _finish(soft, lse_h - s_y, grad, student, target, ignore_index, alpha_w, alpha, reduction, n,
+                   grad_dtype)  # fmt: skip
