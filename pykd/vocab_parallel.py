@@ -144,6 +144,13 @@ def setup(name: str, student, prepare):
             "alpha, target, reduction, dtype...): every rank must make the same call"
         )
     sizes = [row[1] for row in table]
+    even = -(-sum(sizes) // world)  # ceil: the largest slice of an even split
+    if max(sizes) > even:  # e.g. one rank passed the whole vocabulary, the others their slices
+        raise ValueError(
+            f"process_group ranks' vocabulary slices {sizes} do not split the vocabulary evenly (none "
+            f"may exceed {even} = ceil({sum(sizes)} / {world}), as torch.tensor_split and DTensor's "
+            "Shard give): every rank passes its own contiguous slice"
+        )
     out = Shard(group, rank, world, sum(sizes[:rank]), size, sum(sizes))
     return result, out
 

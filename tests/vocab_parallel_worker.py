@@ -324,6 +324,14 @@ def bad_input_cases(ck, group, rank, world):
     ck.raises("fused teacher slice differs",
               lambda: pykd.fused_linear_kd_loss(h, w, h, wt, process_group=group),
               "student_weight's vocabulary slice" if rank == 1 else "rejected their arguments")  # fmt: skip
+    # slices that do not add up: the last rank passes the whole vocabulary
+    s_all = torch.randn(R, V) if rank == world - 1 else s
+    ck.raises("slices do not split the vocabulary", lambda: kd(s_all, s_all, process_group=group),
+              "do not split the vocabulary evenly")  # fmt: skip
+    # an empty slice on one rank
+    s_0 = s[:, :0] if rank == 0 else s
+    ck.raises("empty slice", lambda: kd(s_0, s_0, process_group=group),
+              "V >= 1" if rank == 0 else "rejected their arguments")  # fmt: skip
     # a group without this rank: a ValueError on the ranks outside it, before any collective
     last = dist.new_group([world - 1])  # every rank takes part in creating it
     if rank != world - 1:
