@@ -31,13 +31,16 @@
 #include <vector>
 
 #include "kd_common.h"
+#include "vec_math.h"
 
 namespace pykd {
 namespace {
 
 using at::Tensor;
 constexpr int64_t kTile = 64;
-constexpr float kInf = std::numeric_limits<float>::infinity();
+// Up to this many keys a task takes kLongTile query rows: half the tasks, and the per-tile ATen
+// calls around the GEMMs, at BERT lengths; scratch stays a few (kLongTile, N_k) fp32 buffers.
+constexpr int64_t kLongTile = 128, kLongTileMaxKeys = 1024;
 
 // kTopKKL: the teacher is a top-k capture, q_t its probabilities and k_t its key indices
 // (B, H_t, N_q, K); the row loss is KL(top-k + tail bucket || student) (pykd/capture.py).
@@ -124,6 +127,8 @@ struct Problem {
       TORCH_CHECK_VALUE(bs > 0 && bm_->dim() == 4, "pykd: block_mask must be 4-D with block_size > 0");
       bm = bm_->to(at::kBool).contiguous();
       tile = std::min(kTile, bs);
+    } else if (bs == 0 && Nk <= kLongTileMaxKeys) {
+      tile = kLongTile;
     }
     if (thr_.has_value()) thr = thr_->to(at::kFloat).contiguous();
   }
@@ -152,9 +157,15 @@ struct Tile {
   int64_t n;
   Tensor take(const Tensor& x) const { return cols.defined() ? x.index_select(0, cols) : x.narrow(0, 0, n); }
   Tensor index() const { return cols.defined() ? cols : at::arange(n, at::kLong); }
-  void addmm(const Tensor& dst, const Tensor& a, const Tensor& b, double alpha = 1.0) const {
-    if (cols.defined()) dst.index_add_(0, cols, at::mm(a, b), alpha);  // dst[cols] += alpha a b
-    else dst.narrow(0, 0, n).addmm_(a, b, 1.0, alpha);
+  // dst[cols] += alpha a b; with `first` (dense tiles only: the first of a task, which sees the fewest
+  // keys) dst = alpha a b on [0, n) and 0 below, so the task's buffer needs no zero fill.
+  void addmm(const Tensor& dst, const Tensor& a, const Tensor& b, double alpha = 1.0, bool first = false) const {
+    if (cols.defined()) {
+      dst.index_add_(0, cols, at::mm(a, b), alpha);
+    } else {
+      dst.narrow(0, 0, n).addmm_(a, b, first ? 0.0 : 1.0, alpha);
+      if (first && n < dst.size(0)) dst.narrow(0, n, dst.size(0) - n).zero_();
+    }
   }
 };
 
@@ -248,6 +259,151 @@ Tensor div_term(const Problem& P, const Tile& T, const Tensor& ls, const Tensor&
   return where_vis(T, term);
 }
 
+// ---- Vector loops over one tile's contiguous (rows, n) buffers. At short N (BERT's 128) the ATen
+// form of these elementwise lines cost more than the tile's GEMMs; one pass per row replaces them.
+// The divergences are kl, reverse_kl, mse and mse_scores (a top-k capture keeps the ATen form).
+
+// The lanes of a block of c <= kW keys from k that are keys (not the padding of a last block) and
+// visible (every key without a mask).
+PYKD_INLINE vi lanes_visible(const bool* vis, int64_t k, int64_t c) {
+  vi m{};
+  for (int j = 0; j < kW; ++j) m[j] = (j < c && (vis == nullptr || vis[k + j])) ? -1 : 0;
+  return m;
+}
+
+PYKD_INLINE vf load_block(const float* p, int64_t c) { return c == kW ? load(p) : load_partial(p, c, 0.f); }
+
+// max of the row, NaN when it holds a NaN (so a NaN score makes its row NaN, never unseen).
+PYKD_INLINE float nan_max(const float* x, int64_t n) {
+  vf m = splat(-kInf);
+  vi bad{};
+  blocks(x, x, n, [&](vf v, vf, int64_t, int64_t) __attribute__((always_inline)) {
+    m = vmax(m, v);
+    bad |= v != v;
+  });
+  for (int j = 0; j < kW; ++j)
+    if (bad[j]) return std::numeric_limits<float>::quiet_NaN();
+  return hmax(m);
+}
+
+// Forward of `rows` rows: e = exp(s - m) (for P V), l (its sum, 1 for a row that sees no key), lse,
+// and with a divergence the row loss and its backward stats (lse_s/tau, lse_t/tau, aux) as the ATen
+// form below computes them.
+PYKD_HOT void tile_rows_fwd(Div div, float it, const float* S, const float* Tt, const bool* Vis, int64_t rows,
+                            int64_t n, float* E, float* l_out, float* lse, float* row, float* st) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = S + i * n;
+    const bool* vis = Vis ? Vis + i * n : nullptr;
+    const float m = nan_max(s, n);
+    const bool has = m != -kInf;
+    const float m0 = has ? m : 0.f;
+    float* e = E + i * n;
+    vf lv{};
+    blocks(s, s, n, [&](vf x, vf, int64_t k, int64_t c) __attribute__((always_inline)) {
+      const vf ex = vexp(x - m0);
+      lv += ex;
+      if (c == kW) store(e + k, ex);
+      else store_partial(e + k, c, ex);
+    });
+    const float l = has ? hsum(lv) : 1.f;
+    l_out[i] = l;
+    lse[i] = has ? m + std::log(l) : kInf;
+    if (div == Div::kNone) continue;
+    const float* t = Tt + i * n;
+    float r = 0.f, ls = kInf, lt = kInf, aux = 0.f;
+    if (div == Div::kMSEScores) {
+      vf rv{}, cv{};
+      blocks(s, t, n, [&](vf x, vf y, int64_t k, int64_t c) __attribute__((always_inline)) {
+        const vi on = lanes_visible(vis, k, c);
+        const vf d = select(on, x - y, vf{});
+        rv += d * d;
+        cv += select(on, splat(1.f), vf{});
+      });
+      r = hsum(rv);
+      aux = vis ? hsum(cv) : static_cast<float>(n);
+    } else {
+      const float mt_raw = nan_max(t, n);
+      const float mt = mt_raw == -kInf ? 0.f : mt_raw;
+      vf lsv{}, ltv{};
+      blocks(s, t, n, [&](vf x, vf y, int64_t, int64_t) __attribute__((always_inline)) {
+        lsv += vexp((x - m0) * it);
+        ltv += vexp((y - mt) * it);
+      });
+      const float l_s = has ? hsum(lsv) : 1.f, l_t = has ? hsum(ltv) : 1.f;
+      const float gap = (m0 - mt) * it + std::log(l_s) - std::log(l_t);
+      ls = has ? m0 * it + std::log(l_s) : kInf;
+      lt = has ? mt * it + std::log(l_t) : kInf;
+      vf rv{}, av{};
+      blocks(s, t, n, [&](vf x, vf y, int64_t k, int64_t c) __attribute__((always_inline)) {
+        const vf ps = vexp(x * it - ls), pt = vexp(y * it - lt);
+        const vi on = lanes_visible(vis, k, c);
+        if (div == Div::kKL) {
+          rv += select(on & (pt > 0.f), pt * (y - x), vf{});
+        } else if (div == Div::kReverseKL) {
+          rv += select(on, ps * (x - y), vf{});
+        } else {  // mse of the probabilities; the padding lanes are 0 - 0
+          const vf dp = ps - pt;
+          rv += dp * dp;
+          av += ps * dp;
+        }
+      });
+      if (div == Div::kKL) r = hsum(rv) * it + gap;
+      if (div == Div::kReverseKL) r = aux = hsum(rv) * it - gap;
+      if (div == Div::kMSE) r = hsum(rv), aux = hsum(av);
+    }
+    row[i] = has ? r : 0.f;
+    st[3 * i] = ls;
+    st[3 * i + 1] = lt;
+    st[3 * i + 2] = has ? aux : 0.f;
+  }
+}
+
+// p = exp(s - lse) of `rows` rows (lse +inf for a row that sees no key: p 0).
+PYKD_HOT void tile_probs(const float* S, const float* lse, int64_t rows, int64_t n, float* Pm) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = S + i * n;
+    float* p = Pm + i * n;
+    blocks(s, s, n, [&](vf x, vf, int64_t k, int64_t c) __attribute__((always_inline)) {
+      const vf e = vexp(x - lse[i]);
+      if (c == kW) store(p + k, e);
+      else store_partial(p + k, c, e);
+    });
+  }
+}
+
+// Backward of `rows` rows: ds = p (dp - Delta) (P the student's probabilities, with a gradient of
+// the output) + g * d row / d s (with a divergence; div_term's formulas), hidden entries 0.
+PYKD_HOT void tile_rows_bwd(Div div, float it, const float* S, const float* Tt, const bool* Vis, int64_t rows,
+                            int64_t n, const float* Pm, const float* dP, const float* delta, const float* g,
+                            const float* st, float* dS) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = S + i * n;
+    const float* t = Tt ? Tt + i * n : s;
+    const bool* vis = Vis ? Vis + i * n : nullptr;
+    const float di = delta ? delta[i] : 0.f, gi = g ? g[i] : 0.f;
+    const float ls = st ? st[3 * i] : 0.f, lt = st ? st[3 * i + 1] : 0.f, aux = st ? st[3 * i + 2] : 0.f;
+    float* ds = dS + i * n;
+    blocks(s, t, n, [&](vf x, vf y, int64_t k, int64_t c) __attribute__((always_inline)) {
+      vf d{};
+      if (Pm) d = load_block(Pm + i * n + k, c) * (load_block(dP + i * n + k, c) - di);
+      if (g) {
+        vf term;
+        if (div == Div::kMSEScores) {
+          term = (x - y) * 2.f;
+        } else {
+          const vf zs = x * it - ls, ps = vexp(zs);
+          if (div == Div::kKL) term = (ps - vexp(y * it - lt)) * it;
+          else if (div == Div::kReverseKL) term = ps * (zs - (y * it - lt) - aux) * it;
+          else term = ps * ((ps - vexp(y * it - lt)) - aux) * (2.f * it);
+        }
+        d += select(lanes_visible(vis, k, c), term, vf{}) * gi;
+      }
+      if (c == kW) store(ds + k, d);
+      else store_partial(ds + k, c, d);
+    });
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
     const Tensor& q, const Tensor& k, const std::optional<Tensor>& v, const std::optional<Tensor>& q_t,
     const std::optional<Tensor>& k_t, const std::optional<Tensor>& key_padding_mask,
@@ -272,6 +428,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
   const int64_t tiles = (P.Nq + P.tile - 1) / P.tile;
   const double it = P.inv_tau;
   const double levels = P.pv == 1 ? 127.0 : 448.0;
+  // out = (e V) / l, e = exp(s - m): P as is, or quantized with the fixed scale 127 or 448
+  auto write_out = [&](int64_t b, int64_t h, int64_t m0, int64_t rows, const Tile& T, const Tensor& e,
+                       const Tensor& l) {
+    auto V = T.take(P.v[b][h / P.Gs]);
+    auto o = out_f[b][h].narrow(0, m0, rows);
+    if (P.pv == 0) {
+      at::mm_out(o, e, V).div_(l);
+    } else {
+      auto codes = P.pv == 1 ? (e * 127.0).round_() : (e * 448.0).to(at::kFloat8_e4m3fn).to(at::kFloat);
+      at::mm_out(o, codes, V).div_(l * levels);
+    }
+  };
   at::parallel_for(0, P.B * P.H * tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView worker_guard;  // dispatch TLS is per thread
     for (int64_t u = begin; u < end; ++u) {
@@ -289,20 +457,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
         }
         continue;
       }
+      const int64_t r0 = (b * P.H + h) * P.Nq + m0;  // the tile's first row in (B, H, N_q) outputs
+      if (P.div != Div::kTopKKL) {  // the vector loops
+        const Tensor S = T.s.contiguous(), Tt = has_div ? T.t.contiguous() : Tensor();
+        const Tensor vis = T.vis.defined() ? T.vis.contiguous() : Tensor();
+        Tensor e = at::empty({rows, T.n}, f), l = at::empty({rows, 1}, f);
+        tile_rows_fwd(P.div, static_cast<float>(it), S.const_data_ptr<float>(),
+                      has_div ? Tt.const_data_ptr<float>() : nullptr,
+                      vis.defined() ? vis.const_data_ptr<bool>() : nullptr, rows, T.n, e.data_ptr<float>(),
+                      l.data_ptr<float>(), lse.data_ptr<float>() + r0,
+                      has_div ? row.data_ptr<float>() + r0 : nullptr,
+                      has_div ? stats.data_ptr<float>() + 3 * r0 : nullptr);
+        if (P.v.defined()) write_out(b, h, m0, rows, T, e, l);
+        continue;
+      }
       auto [m, has] = safe_max(T.s);
       auto e = (T.s - m).exp_();
       auto l = e.sum(1, true);
       auto l_safe = at::where(has, l, at::ones({}, f));
       lse[b][h].narrow(0, m0, rows).copy_(at::where(has, m + l_safe.log(), kInf).squeeze(1));
-      if (P.v.defined()) {
-        auto V = T.take(P.v[b][h / P.Gs]);
-        if (P.pv == 0) {
-          out_f[b][h].narrow(0, m0, rows).copy_(at::mm(e, V).div_(l_safe));
-        } else {  // P = exp(s - m) in [0, 1] quantized with the fixed scale 127 or 448
-          auto codes = P.pv == 1 ? (e * 127.0).round_() : (e * 448.0).to(at::kFloat8_e4m3fn).to(at::kFloat);
-          out_f[b][h].narrow(0, m0, rows).copy_(at::mm(codes, V).div_(l_safe * levels));
-        }
-      }
+      if (P.v.defined()) write_out(b, h, m0, rows, T, e, l_safe);
       if (!has_div) continue;
       Tensor r, ls = at::full({rows, 1}, kInf, f), lt = ls, aux = at::zeros({rows, 1}, f);
       if (P.div == Div::kMSEScores) {
@@ -394,6 +568,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
   }
   if (has_div) g = grad_row->to(at::kFloat).contiguous().unsqueeze(-1);
   const int64_t tiles = (P.Nq + P.tile - 1) / P.tile;
+  const Tensor lse_c = lse.to(at::kFloat).contiguous(), stats_c = stats.to(at::kFloat).contiguous();
   // Split each (b, h) into chunks of query tiles so that threads have work; each task owns fp32
   // dk/dv buffers, summed below. The split is fixed (kTasks), never the thread count, so dk and dv
   // are bitwise the same for any number of threads.
@@ -402,8 +577,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(tiles, (kTasks + bh - 1) / std::max<int64_t>(bh, 1)));
   auto dq = new_output({P.B, P.H, P.Nq, P.Ds}, f);
-  auto dk_part = at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f);
-  auto dv_part = has_do ? at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f) : Tensor();
+  // Dense tiles write their task's first tile over the buffers (Tile::addmm); gathered columns add.
+  const bool overwrite = !P.bm.defined() && (has_do || has_div);
+  auto part = [&] {
+    return overwrite ? new_output({P.B, P.H, chunks, P.Nk, P.Ds}, f) : at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f);
+  };
+  auto dk_part = part();
+  auto dv_part = has_do ? part() : Tensor();
   if (!has_do && !has_div) dq.zero_();
   at::parallel_for(0, bh * chunks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView worker_guard;
@@ -420,12 +600,38 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
         }
         auto Q = P.q[b][h].narrow(0, m0, rows);
         auto K = T.take(P.k[b][h / P.Gs]);
+        const int64_t r0 = (b * P.H + h) * P.Nq + m0;
+        if (P.div != Div::kTopKKL && !dense_delta) {  // the vector loops
+          const Tensor S = T.s.contiguous(), Tt = has_div ? T.t.contiguous() : Tensor();
+          const Tensor vis = T.vis.defined() ? T.vis.contiguous() : Tensor();
+          Tensor ds = at::empty({rows, T.n}, f), p, dp;
+          if (has_do) {
+            auto V = T.take(P.v[b][h / P.Gs]);
+            auto dOt = dO[b][h].narrow(0, m0, rows);
+            p = at::empty({rows, T.n}, f);
+            tile_probs(S.const_data_ptr<float>(), lse_c.const_data_ptr<float>() + r0, rows, T.n,
+                       p.data_ptr<float>());
+            T.addmm(dv_part[b][h][c], p.t(), dOt, 1.0, ti == t0);
+            dp = at::mm(dOt, V.t());
+          }
+          tile_rows_bwd(P.div, static_cast<float>(P.inv_tau), S.const_data_ptr<float>(),
+                        has_div ? Tt.const_data_ptr<float>() : nullptr,
+                        vis.defined() ? vis.const_data_ptr<bool>() : nullptr, rows, T.n,
+                        has_do ? p.const_data_ptr<float>() : nullptr,
+                        has_do ? dp.const_data_ptr<float>() : nullptr,
+                        has_do ? delta.const_data_ptr<float>() + r0 : nullptr,
+                        has_div ? g.const_data_ptr<float>() + r0 : nullptr,
+                        has_div ? stats_c.const_data_ptr<float>() + 3 * r0 : nullptr, ds.data_ptr<float>());
+          dq[b][h].narrow(0, m0, rows).addmm_(ds, K, 0.0, P.scale_s);  // beta 0: the old values unread
+          T.addmm(dk_part[b][h][c], ds.t(), Q, P.scale_s, ti == t0);
+          continue;
+        }
         Tensor ds = at::zeros({rows, T.n}, f);
         if (has_do) {
           auto V = T.take(P.v[b][h / P.Gs]);
           auto dOt = dO[b][h].narrow(0, m0, rows);
           auto p = (T.s - lse[b][h].narrow(0, m0, rows).unsqueeze(1)).exp_();
-          T.addmm(dv_part[b][h][c], p.t(), dOt);
+          T.addmm(dv_part[b][h][c], p.t(), dOt, 1.0, ti == t0);
           auto dp = at::mm(dOt, V.t());
           ds = p * (dp - (dense_delta ? (p * dp).sum(1, true) : delta[b][h].narrow(0, m0, rows)));
         }
@@ -436,12 +642,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
           ds.add_(term * g[b][h].narrow(0, m0, rows));
         }
         dq[b][h].narrow(0, m0, rows).copy_(at::mm(ds, K).mul_(P.scale_s));
-        T.addmm(dk_part[b][h][c], ds.t(), Q, P.scale_s);
+        T.addmm(dk_part[b][h][c], ds.t(), Q, P.scale_s, ti == t0);
       }
     }
   });
   auto group_sum = [&](const Tensor& part) {  // (B, H, C, Nk, D) -> (B, Hkv, Nk, D)
-    return part.sum(2).view({P.B, P.Hkv, P.Gs, P.Nk, P.Ds}).sum(2);
+    auto per_head = chunks == 1 ? part.select(2, 0) : part.sum(2);
+    return P.Gs == 1 ? per_head : per_head.view({P.B, P.Hkv, P.Gs, P.Nk, P.Ds}).sum(2);
   };
   auto dk = group_sum(dk_part).to(k.scalar_type());
   Tensor dv = at::empty({0}, q.options());

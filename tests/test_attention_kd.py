@@ -179,6 +179,18 @@ def test_odd_lengths(backend, N):
     check(backend, q, k, v, qt, kt, m, divergence="kl", causal=True, scale_s=0.3, scale_t=0.2)
 
 
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_tiles_accumulate(divergence, causal):
+    """The C++ kernel's long tiles (128 query rows up to 1024 keys) with 16 heads, so one task runs
+    every tile of its head: the first tile writes the task's dk/dv buffers (zeroing the keys a causal
+    tile does not see yet), later ones add, and the rows cross tile edges (N = 300: 3 tiles)."""
+    q, k, v, qt, kt, m = make(B=2, Hs=8, Hkv=4, Ht=8, Htkv=2, Nq=300, Ds=16, Dt=8, pad=0.2)
+    from conftest import Backend
+
+    check(Backend("cpp"), q, k, v, qt, kt, m, divergence=divergence, causal=causal, temperature=2.0)
+
+
 def test_cross_lengths_and_scales(backend):
     """N_q != N_k (no causal): the mask only marks keys; all queries count."""
     q, k, v, qt, kt, m = make(Nq=9, Nk=23, device=backend.device, pad=0.4)
