@@ -57,6 +57,40 @@ def _load() -> None:
 _load()
 
 
+def _fast_fill_defaults() -> None:
+    """torch's custom-op autograd calls ``torch._library.utils.fill_defaults`` on every forward with
+    grad; in torch 2.11-2.13 it reads ``schema.arguments`` (a fresh list of pybind objects) once per
+    argument: O(n^2) conversions, 120 us per call of pykd's 21-argument attention op on a 2-core
+    CPU, more than its kernel. This equivalent reads the list once (tests/test_package.py checks
+    that both agree on every pykd op)."""
+    try:
+        from torch._library import utils
+    except ImportError:  # pragma: no cover - a torch without torch.library internals
+        return
+    original = getattr(utils, "fill_defaults", None)
+    if original is None or getattr(original, "_pykd", False):
+        return
+    if original.__code__.co_varnames[:3] != ("schema", "args", "kwargs"):  # pragma: no cover
+        return
+
+    def fill_defaults(schema, args, kwargs):
+        new_args = []
+        new_kwargs = {}
+        for i, info in enumerate(schema.arguments):
+            if info.kwarg_only:
+                new_kwargs[info.name] = kwargs[info.name] if info.name in kwargs else info.default_value
+            else:
+                new_args.append(args[i] if i < len(args) else info.default_value)
+        return tuple(new_args), new_kwargs
+
+    fill_defaults._pykd = True
+    fill_defaults.original = original
+    utils.fill_defaults = fill_defaults
+
+
+_fast_fill_defaults()
+
+
 def require_cpp() -> None:
     """Raise a clear error when the C++ extension is missing or stale."""
     if _C_ERROR is not None:

@@ -290,3 +290,27 @@ def test_bench_commit_provenance(tmp_path):
     r = py(code, cwd=tmp_path, env_extra={"PYKD_COMMIT": ""})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [head, head, head + "-dirty"]
+
+
+def test_fast_fill_defaults_agrees_with_torch():
+    """pykd replaces torch._library.utils.fill_defaults (see pykd._backend) with an O(n) equivalent:
+    on every pykd op's schema, with every count of trailing arguments left to their defaults, both
+    give the same (args, kwargs)."""
+    import torch
+    from torch._library import utils
+
+    import pykd  # noqa: F401  (installs it)
+
+    fast = utils.fill_defaults
+    assert getattr(fast, "_pykd", False), "pykd did not install its fill_defaults"
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pykd::")]
+    assert len(names) >= 10, names
+    for name in names:
+        packet = getattr(torch.ops.pykd, name.split("::")[1].split(".")[0])
+        schema = getattr(packet, packet.overloads()[0])._schema
+        args = schema.arguments
+        positional = [a for a in args if not a.kwarg_only]
+        required = sum(1 for a in positional if not a.has_default_value())
+        for n in range(required, len(positional) + 1):
+            given = tuple(object() for _ in range(n))
+            assert fast(schema, given, {}) == fast.original(schema, given, {}), (name, n)
