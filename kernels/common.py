@@ -77,11 +77,17 @@ def zero_row(
     tl.store(soft_ptr + row64, 0.0)
     tl.store(hard_ptr + row64, 0.0)
     if COMPUTE_GRAD:
-        g_row = g_ptr + row64 * stride_g
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            zero = tl.zeros([BLOCK_V], dtype=tl.float32)
-            tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+        zero_grad_row(g_ptr, row64, stride_g, V, BLOCK_V)
+
+
+@triton.jit
+def zero_grad_row(g_ptr, row64, stride_g, V, BLOCK_V: tl.constexpr):
+    """Row row64 of the (R, V) gradient set to exactly 0."""
+    g_row = g_ptr + row64 * stride_g
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        zero = tl.zeros([BLOCK_V], dtype=tl.float32)
+        tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit

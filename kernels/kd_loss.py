@@ -19,6 +19,7 @@ from .common import (
     logit_map_grad,
     new_output,
     row_loss_scale,
+    zero_grad_row,
     zero_row,
 )
 
@@ -295,11 +296,7 @@ def _kd_loss_kernel(
                 idx = tl.arange(0, 8)
                 tl.store(out_ptr + row64 * n_out + idx, zeros, mask=idx < n_out)
             if PHASE == 3 and COMPUTE_GRAD:
-                g_row = g_ptr + row64 * stride_g
-                for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
-                    zero = tl.zeros([BLOCK_V], dtype=tl.float32)
-                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+                zero_grad_row(g_ptr, row64, stride_g, V, BLOCK_V)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ from .common import (
     logit_map_grad,
     new_output,
     row_loss_scale,
+    zero_grad_row,
     zero_row,
 )
 
@@ -195,11 +196,7 @@ def _topk_kd_loss_kernel(
                 i16 = tl.arange(0, 16)
                 tl.store(out_ptr + row64 * 10 + i16, zeros, mask=i16 < 10)
             if PHASE == 2 and COMPUTE_GRAD:
-                g_row = g_ptr + row64 * stride_g
-                for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
-                    zero = tl.zeros([BLOCK_V], dtype=tl.float32)
-                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+                zero_grad_row(g_ptr, row64, stride_g, V, BLOCK_V)
 
 
 @triton.jit
