@@ -477,63 +477,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
       auto l_safe = at::where(has, l, at::ones({}, f));
       lse[b][h].narrow(0, m0, rows).copy_(at::where(has, m + l_safe.log(), kInf).squeeze(1));
       if (P.v.defined()) write_out(b, h, m0, rows, T, e, l_safe);
-      if (!has_div) continue;
-      Tensor r, ls = at::full({rows, 1}, kInf, f), lt = ls, aux = at::zeros({rows, 1}, f);
-      if (P.div == Div::kMSEScores) {
-        auto d = where_vis(T, T.s - T.t);
-        r = (d * d).sum(1, true);
-        // aux = the row's visible keys, the "mean" denominator under sparsity
-        aux = T.vis.defined() ? T.vis.sum(1, true).to(at::kFloat) : at::full({rows, 1}, double(T.n), f);
-      } else if (P.div == Div::kTopKKL) {
-        // row = sum_k p_k ln p_k + sum_k p_k (lse - z_k) + T (ln T + lse - lse_out), the tail term
-        // only if T > 0 and a key lies outside K; lse - z_k = (m - z_k) + ln l keeps its digits
-        auto so = T.s.masked_fill(T.t >= 0, -kInf);
-        auto [mo, has_o] = safe_max(so);
-        auto lo = at::where(has_o, (so - mo).exp_().sum(1, true), at::ones({}, f));
-        auto pos = T.t > 0;
-        auto zero = at::zeros({}, f);
-        auto a1 = at::where(pos, T.t * (m - T.s), zero).sum(1, true);
-        auto a2 = at::where(pos, T.t, zero).sum(1, true);
-        auto pr = P.qt[b][P.th[h]].narrow(0, m0, rows);
-        auto sp = pr.sum(1, true);
-        auto spl = at::where(pr > 0, pr * at::where(pr > 0, pr, 1.0f).log(), zero).sum(1, true);
-        auto tail = (1.0 - sp).clamp_min(0.0);
-        auto use_t = (tail > 0).logical_and(has_o);
-        auto tail_u = at::where(use_t, tail, zero);
-        auto log_l = l_safe.log();
-        auto gap = (m - mo) + log_l - lo.log();  // lse - lse_out >= 0
-        r = spl + a1 + a2 * log_l + tail_u * (at::where(use_t, tail, 1.0f).log() + gap);
-        // backward: d row / d s = c p_s - p_t [in K] - T p_out [not in K], c = sum_k p_k + T
-        auto cc = sp + tail_u;
-        ls = at::where(has.logical_and(cc > 0), m + log_l - at::where(cc > 0, cc, 1.0f).log(), kInf);
-        lt = at::where(has_o, mo + lo.log(), kInf);
-        aux = tail_u;
-      } else {
-        auto mt = safe_max(T.t).first;  // the teacher sees the same keys
-        auto l_s = ((T.s - m) * it).exp_().sum(1, true);
-        auto l_t = ((T.t - mt) * it).exp_().sum(1, true);
-        l_s = at::where(has, l_s, at::ones({}, f));
-        l_t = at::where(has, l_t, at::ones({}, f));
-        auto gap = (m - mt) * it + l_s.log() - l_t.log();  // lse_s - lse_t, max difference first
-        ls = at::where(has, m * it + l_s.log(), kInf);
-        lt = at::where(has, mt * it + l_t.log(), kInf);
-        auto ps = (T.s * it - ls).exp_();
-        auto pt = (T.t * it - lt).exp_();
-        if (P.div == Div::kKL) {  // pt > 0: a 0 code of a teacher map has t = -inf and adds nothing
-          r = where_vis(T, at::where(pt > 0, pt * (T.t - T.s), at::zeros({}, f))).sum(1, true) * it + gap;
-        } else if (P.div == Div::kReverseKL) {
-          r = where_vis(T, ps * (T.s - T.t)).sum(1, true) * it - gap;
-          aux = r;
-        } else {
-          auto dp = ps - pt;
-          r = (dp * dp).sum(1, true);
-          aux = (ps * dp).sum(1, true);
-        }
-      }
+      // a top-k capture (every other divergence took the vector loops above):
+      // row = sum_k p_k ln p_k + sum_k p_k (lse - z_k) + T (ln T + lse - lse_out), the tail term
+      // only if T > 0 and a key lies outside K; lse - z_k = (m - z_k) + ln l keeps its digits
+      auto so = T.s.masked_fill(T.t >= 0, -kInf);
+      auto [mo, has_o] = safe_max(so);
+      auto lo = at::where(has_o, (so - mo).exp_().sum(1, true), at::ones({}, f));
+      auto pos = T.t > 0;
+      auto zero = at::zeros({}, f);
+      auto a1 = at::where(pos, T.t * (m - T.s), zero).sum(1, true);
+      auto a2 = at::where(pos, T.t, zero).sum(1, true);
+      auto pr = P.qt[b][P.th[h]].narrow(0, m0, rows);
+      auto sp = pr.sum(1, true);
+      auto spl = at::where(pr > 0, pr * at::where(pr > 0, pr, 1.0f).log(), zero).sum(1, true);
+      auto tail = (1.0 - sp).clamp_min(0.0);
+      auto use_t = (tail > 0).logical_and(has_o);
+      auto tail_u = at::where(use_t, tail, zero);
+      auto log_l = l_safe.log();
+      auto gap = (m - mo) + log_l - lo.log();  // lse - lse_out >= 0
+      auto r = spl + a1 + a2 * log_l + tail_u * (at::where(use_t, tail, 1.0f).log() + gap);
+      // backward: d row / d s = c p_s - p_t [in K] - T p_out [not in K], c = sum_k p_k + T
+      auto cc = sp + tail_u;
+      auto ls = at::where(has.logical_and(cc > 0), m + log_l - at::where(cc > 0, cc, 1.0f).log(), kInf);
+      auto lt = at::where(has_o, mo + lo.log(), kInf);
       row[b][h].narrow(0, m0, rows).copy_(at::where(has, r, 0.0f).squeeze(1));
       st.select(1, 0).copy_(ls.squeeze(1));
       st.select(1, 1).copy_(lt.squeeze(1));
-      st.select(1, 2).copy_(at::where(has, aux, 0.0f).squeeze(1));
+      st.select(1, 2).copy_(at::where(has, tail_u, 0.0f).squeeze(1));
     }
   });
   Tensor out = P.v.defined() ? (q.scalar_type() == at::kFloat ? out_f : out_f.to(q.scalar_type()))
