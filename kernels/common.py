@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import finish_rows, row_loss_scale  # noqa: F401  (the launchers import them here)
+from .._backend import finish_rows, row_loss_scale, soft_weight  # noqa: F401  (the launchers' imports)
 
 # Order is the kernels' DIV constexpr; pykd.kd_loss validates names against it.
 DIVERGENCES = ("kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")

@@ -19,6 +19,7 @@ from .common import (
     logit_map_grad,
     new_output,
     row_loss_scale,
+    soft_weight,
     zero_grad_row,
     zero_row,
 )
@@ -385,11 +386,6 @@ def _launch(
     )
 
 
-def _soft_weight(divergence, temperature, alpha, scale_by_t2):
-    """alpha w: the soft term's weight (w = T^2 under scale_by_t2, never for mse)."""
-    return alpha * (1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature)
-
-
 def kd_loss_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -418,7 +414,7 @@ def kd_loss_fwd(
     hard = new_output(R, device=dev, dtype=torch.float32)
     grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype)
     n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
-    alpha_w = _soft_weight(divergence, temperature, alpha, scale_by_t2)
+    alpha_w = soft_weight(divergence, temperature, alpha, scale_by_t2)
     _launch(student, teacher, target, scale, grad, soft, hard, soft, soft, divergence=divergence,
             temperature=temperature, alpha_w=alpha_w, alpha=alpha, beta=beta, ignore_index=ignore_index,
             logit_map=logit_map, compute_grad=compute_grad, phase=0, vocab_start=0,
@@ -458,7 +454,7 @@ def kd_loss_shard(
     stats = out if stats is None else stats.contiguous()
     scale = scale.to(device=dev, dtype=f32)
     _launch(student, teacher, target, scale, grad, out, out, stats, out, divergence=divergence,
-            temperature=temperature, alpha_w=_soft_weight(divergence, temperature, alpha, scale_by_t2),
+            temperature=temperature, alpha_w=soft_weight(divergence, temperature, alpha, scale_by_t2),
             alpha=alpha, beta=beta, ignore_index=ignore_index, logit_map=logit_map,
             compute_grad=phase == 3, phase=phase, vocab_start=vocab_start,
             vocab_total=vocab_total)  # fmt: skip

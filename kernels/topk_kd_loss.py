@@ -16,6 +16,7 @@ from .common import (
     logit_map_grad,
     new_output,
     row_loss_scale,
+    soft_weight,
     zero_grad_row,
     zero_row,
 )
@@ -407,7 +408,7 @@ def topk_kd_loss_fwd(
     hard = new_output(R, device=dev, dtype=torch.float32)
     grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype)
     n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
-    alpha_w = alpha * (temperature * temperature if scale_by_t2 else 1.0)
+    alpha_w = soft_weight("kl", temperature, alpha, scale_by_t2)
     _launch(student, topk_logprobs.contiguous(), topk_indices.contiguous(), target, scale, grad, soft, hard,
             soft, soft, temperature=temperature, alpha_w=alpha_w, alpha=alpha, tail=tail,
             ignore_index=ignore_index, logit_map=logit_map, compute_grad=compute_grad, phase=0,
@@ -444,7 +445,7 @@ def topk_kd_loss_shard(
     out = new_output((R, 10 if phase == 1 else 0), device=dev, dtype=f32)
     grad = new_output((R, V) if phase == 2 else (0,), device=dev, dtype=grad_dtype or student.dtype)
     stats = out if stats is None else stats.contiguous()
-    alpha_w = alpha * (temperature * temperature if scale_by_t2 else 1.0)
+    alpha_w = soft_weight("kl", temperature, alpha, scale_by_t2)
     _launch(student, topk_logprobs.contiguous(), topk_indices.contiguous(), target,
             scale.to(device=dev, dtype=f32), grad, out, out, stats, out, temperature=temperature,
             alpha_w=alpha_w, alpha=alpha, tail=tail, ignore_index=ignore_index, logit_map=logit_map,

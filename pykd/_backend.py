@@ -212,6 +212,11 @@ def row_loss_scale(target, R, ignore_index, num_items, reduction, dtype, device)
     return n, torch.ones((), device=device, dtype=torch.float32)
 
 
+def soft_weight(divergence, temperature, alpha, scale_by_t2) -> float:
+    """alpha w, the soft term's weight in a row loss: w = T^2 under scale_by_t2, never for "mse"."""
+    return alpha * (1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature)
+
+
 def finish_rows(soft, hard, alpha_w, alpha, reduction, n):
     """(loss, soft, hard) from per-row soft divergence and hard CE, reduced like the C++ kernels:
     loss_r = alpha_w soft_r + (1 - alpha) hard_r; summed, and divided by n for "mean"."""

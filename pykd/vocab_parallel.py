@@ -173,14 +173,12 @@ def _comm_device(group, device):
 
 
 def _all_reduce(x: torch.Tensor, op, shard: Shard, kind: str = "row_stats") -> torch.Tensor:
-    """x all-reduced over the shard's group (a new tensor, or x itself when it was contiguous on the
-    group's device)."""
+    """x all-reduced over the shard's group, in place (through a copy when x is not contiguous or
+    not on the group's device); returns x."""
     dev = _comm_device(shard.group, x.device)
     y = x.to(dev) if dev != x.device else x.contiguous()
     COMM_BYTES[kind] += y.numel() * y.element_size()
     dist.all_reduce(y, op=op, group=shard.group)
-    if dev != x.device:
-        return y.to(x.device)
     if y.data_ptr() != x.data_ptr():
         x.copy_(y)
     return x
@@ -212,18 +210,21 @@ def check_target(target, shard: Shard, ignore_index: int) -> None:
         )
 
 
-def _combine_stats(stats: torch.Tensor, acc_col: int | None, shard: Shard):
-    """Phase-1 stats (R, 8) of every rank -> global (lse (R, 3) of s at T, t at T, s at 1; the
-    accumulator rescaled to the global maxima; the target logit)."""
+def _combine_stats(stats: torch.Tensor, acc_col: int | None, shard: Shard, *, empty_is_nan: bool):
+    """Phase-1 stats of every rank, (R, >= 8) with three (max, sum-exp) pairs in columns 0-5, an
+    accumulator in 6 and the target's logit in 7 -> the global (lse (R, 3), sums (R, 3), the
+    accumulator (rescaled to the global max of pair ``acc_col`` unless None), the target's logit).
+    A slice whose entries are all -inf adds 0; a pair that is -inf on every rank gives NaN
+    (``empty_is_nan``: kd_loss's rows, as a whole row does) or -inf (top-K's empty tail)."""
     m = stats[:, [0, 2, 4]]
     big = _all_reduce(m.clone(), dist.ReduceOp.MAX, shard)
-    # A slice whose entries are all -inf adds 0; a row that is -inf everywhere stays NaN.
-    fac = torch.where((m == _NEG_INF) & (big != _NEG_INF), 0.0, torch.exp(m - big))
+    empty = (m == _NEG_INF) & (big != _NEG_INF) if empty_is_nan else m == _NEG_INF
+    fac = torch.where(empty, 0.0, torch.exp(m - big))
     sums = torch.empty((stats.shape[0], 5), device=stats.device, dtype=torch.float32)
     sums[:, :3] = stats[:, [1, 3, 5]] * fac
     sums[:, 3] = stats[:, 6] if acc_col is None else stats[:, 6] * fac[:, acc_col]
     sums[:, 4] = stats[:, 7]
-    sums = _all_reduce(sums, dist.ReduceOp.SUM, shard)
+    _all_reduce(sums, dist.ReduceOp.SUM, shard)
     lse = big + torch.log(sums[:, :3])
     return lse, sums[:, :3], sums[:, 3], sums[:, 4]
 
@@ -244,7 +245,7 @@ def kd_loss_rows(
                   scale_by_t2, logit_map, k, shard.start, shard.total)  # fmt: skip
 
     acc_col = {"kl": 1, "soft_ce": 1, "reverse_kl": 0}.get(divergence)
-    lse, l_sum, acc, s_y = _combine_stats(phase(1), acc_col, shard)
+    lse, l_sum, acc, s_y = _combine_stats(phase(1), acc_col, shard, empty_is_nan=True)
     lse_s, lse_t = lse[:, 0], lse[:, 1]
     lse_h = lse[:, 2] if need_h else lse_s
     stat = torch.zeros_like(lse_s)
@@ -265,7 +266,7 @@ def kd_loss_rows(
         poison = torch.where(torch.isnan(lse_s + lse_t), math.nan, 0.0)
     soft = soft + poison
     grad = phase(3, torch.stack([lse_s, lse_t, lse_h, stat, poison], 1)) if compute_grad else None
-    alpha_w = alpha * (1.0 if (divergence == "mse" or not scale_by_t2) else temperature * temperature)
+    alpha_w = _backend.soft_weight(divergence, temperature, alpha, scale_by_t2)
     return _finish(soft, lse_h - s_y, grad, student, target, ignore_index, alpha_w, alpha, reduction, n,
                    grad_dtype)  # fmt: skip
 
@@ -307,7 +308,6 @@ def topk_loss_rows(
 ):  # fmt: skip
     """``pykd::topk_kd_loss_fwd``'s (loss, soft, hard, grad) on this rank's (R, V_local) student slice;
     the top-K rows (R, K) hold global ids, sorted; ids >= the whole vocabulary are dropped."""
-    R, dev = student.shape[0], student.device
     need_h = target is not None and temperature != 1.0
     n, scale, op = _phase_op("topk_kd_loss_shard", student, target, ignore_index, num_items, reduction,
                              grad_dtype)  # fmt: skip
@@ -317,16 +317,9 @@ def topk_loss_rows(
                   logit_map, k, shard.start, shard.total)  # fmt: skip
 
     st = phase(1)  # (m, l) of the sweep, of the raw logits, of the K entries; pz, f(s)[y], sum_p, plp
-    m = st[:, [0, 2, 4]]
-    big = _all_reduce(m.clone(), dist.ReduceOp.MAX, shard)
-    fac = torch.where(m == _NEG_INF, 0.0, torch.exp(m - big))  # -inf everywhere stays -inf (no tail)
-    sums = torch.empty((R, 5), device=dev, dtype=torch.float32)
-    sums[:, :3] = st[:, [1, 3, 5]] * fac
-    sums[:, 3:] = st[:, 6:8]
-    sums = _all_reduce(sums, dist.ReduceOp.SUM, shard)
-    lse_a, lse_hh, lse_in = (torch.where(big[:, i] == _NEG_INF, _NEG_INF, big[:, i] + torch.log(sums[:, i]))
-                             for i in range(3))  # fmt: skip
-    pz, s_y, sum_p, plp = sums[:, 3], sums[:, 4], st[:, 8], st[:, 9]
+    lse3, _, pz, s_y = _combine_stats(st, None, shard, empty_is_nan=False)
+    lse_a, lse_hh, lse_in = lse3.unbind(1)
+    sum_p, plp = st[:, 8], st[:, 9]
     zero = torch.zeros_like(lse_a)
     if tail:
         lse_out, lse = lse_a, torch.logaddexp(lse_in, lse_a)
@@ -341,6 +334,6 @@ def topk_loss_rows(
     soft = soft + torch.where(p_tail > 0, p_tail * (torch.log(p_safe) - lse_out + lse), 0.0)
     lse_h = lse_hh if need_h else lse
     grad = phase(2, torch.stack([lse, lse_out, lse_h, p_tail, mass], 1)) if compute_grad else None
-    alpha_w = alpha * (temperature * temperature if scale_by_t2 else 1.0)
+    alpha_w = _backend.soft_weight("kl", temperature, alpha, scale_by_t2)
     return _finish(soft, lse_h - s_y, grad, student, target, ignore_index, alpha_w, alpha, reduction, n,
                    grad_dtype)  # fmt: skip
