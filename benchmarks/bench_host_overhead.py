@@ -64,8 +64,9 @@ def scalar(out):
 
 
 def per_call_us(fn, device, reps: int) -> tuple[float, float, float]:
-    """(median, p20, p80) microseconds of fn(), timed one call at a time after a warm-up."""
-    for _ in range(10):
+    """(median, p20, p80) microseconds of fn(), timed one call at a time after a warm-up (long: the
+    first calls of a process run allocator and dispatcher warm-up that would bill the first op)."""
+    for _ in range(200):
         fn()
     return tuple(1e3 * x for x in wall_ms(fn, device, reps=reps))
 

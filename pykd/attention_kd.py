@@ -3,7 +3,9 @@ to a teacher in one pass, with O(N) memory (DESIGN.md section 5).
 
 The op ``pykd::attention_kd_fwd`` returns the student's attention output, the per-row divergence and
 the O(B·H·N) row statistics; ``pykd::attention_kd_bwd`` recomputes the score tiles from them and
-returns dq, dk, dv. CPU tensors run ``csrc/attention_kd.cpp``, CUDA tensors ``kernels/attention_kd.py``.
+returns dq, dk, dv; ``pykd::attention_kd_loss`` is the forward op and the loss's reduction in one op.
+CPU tensors run ``csrc/attention_kd.cpp``, CUDA tensors ``kernels/attention_kd.py``; the ops' autograd
+is C++ (``csrc/attention_kd.cpp``) for every device.
 """
 
 from __future__ import annotations
@@ -24,38 +26,37 @@ _DIVERGENCES = ("kl", "reverse_kl", "mse", "mse_scores")
 _MAX_HEAD_DIM = 256
 
 
-def _check_4d(name: str, x) -> None:
-    _checks.tensor(name, x, float_dtype=True)
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
-    if not 1 <= x.shape[3] <= _MAX_HEAD_DIM:
-        raise ValueError(f"{name} head dim must be in [1, {_MAX_HEAD_DIM}], got {x.shape[3]}")
+def _check_4d(name: str, x):
+    """x's shape, after checking it is a 4-D float tensor of head dim 1 to 256."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _checks.FLOAT_DTYPES:
+        _checks.tensor(name, x, float_dtype=True)  # raises, naming the argument
+    shape = x.shape
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(shape)}")
+    if not 1 <= shape[3] <= _MAX_HEAD_DIM:
+        raise ValueError(f"{name} head dim must be in [1, {_MAX_HEAD_DIM}], got {shape[3]}")
+    return shape
 
 
 def _check_qkv(prefix: str, q, k, v=None) -> None:
-    """Shapes of one model's q (B, H, N_q, D), k and v (B, H_kv, N_k, D)."""
-    names = {"q": f"q{prefix}", "k": f"k{prefix}", "v": f"v{prefix}"}
-    _check_4d(names["q"], q)
-    _check_4d(names["k"], k)
+    """Shapes of one model's q (B, H, N_q, D), k and v (B, H_kv, N_k, D). (Lean: it runs before every
+    call, and at small shapes a call's host time is what users measure.)"""
+    qs, ks = _check_4d("q" + prefix, q), _check_4d("k" + prefix, k)
     if q.dtype != k.dtype:
-        raise TypeError(f"{names['k']} must have the dtype of {names['q']} ({q.dtype}), got {k.dtype}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise TypeError(f"k{prefix} must have the dtype of q{prefix} ({q.dtype}), got {k.dtype}")
+    if ks[0] != qs[0] or ks[3] != qs[3]:
         raise ValueError(
-            f"{names['k']} must have shape (B={q.shape[0]}, H_kv, N_k, D={q.shape[3]}) to match "
-            f"{names['q']} {tuple(q.shape)}, got {tuple(k.shape)}"
+            f"k{prefix} must have shape (B={qs[0]}, H_kv, N_k, D={qs[3]}) to match q{prefix} {tuple(qs)}, "
+            f"got {tuple(ks)}"
         )
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"{names['k']} heads ({k.shape[1]}) must divide {names['q']} heads ({q.shape[1]}) (GQA)"
-        )
+    if ks[1] < 1 or qs[1] % ks[1]:
+        raise ValueError(f"k{prefix} heads ({ks[1]}) must divide q{prefix} heads ({qs[1]}) (GQA)")
     if v is not None:
-        _check_4d(names["v"], v)
+        vs = _check_4d("v" + prefix, v)
         if v.dtype != q.dtype:
-            raise TypeError(f"{names['v']} must have the dtype of {names['q']} ({q.dtype}), got {v.dtype}")
-        if v.shape != k.shape:
-            raise ValueError(
-                f"{names['v']} must have the shape of {names['k']} {tuple(k.shape)}, got {tuple(v.shape)}"
-            )
+            raise TypeError(f"v{prefix} must have the dtype of q{prefix} ({q.dtype}), got {v.dtype}")
+        if vs != ks:
+            raise ValueError(f"v{prefix} must have the shape of k{prefix} {tuple(ks)}, got {tuple(vs)}")
 
 
 def _check_mask(key_padding_mask, B: int, N_k: int, device) -> None:
@@ -112,23 +113,6 @@ def _teacher_heads(teacher_heads, H_s: int, H_t: int, device) -> torch.Tensor | 
         if not 0 <= x < H_t:
             raise ValueError(f"teacher_heads values must be in [0, {H_t}), got {x}")
     return torch.tensor([int(x) for x in teacher_heads], dtype=torch.int64, device=device)
-
-
-def _reduce(row, seen, key_padding_mask, N_q, N_k, reduction, pairs=None):
-    """The reduced loss. A row counts if its query is real and it sees a key (``seen``, e.g. a finite
-    lse); "mean" divides by the rows that count, or with ``pairs`` (the rows' visible keys, for
-    "mse_scores") by their visible pairs."""
-    counted = seen
-    if key_padding_mask is not None and N_q == N_k:
-        counted = counted & key_padding_mask[:, None, :]
-    row = torch.where(counted, row, 0.0)
-    if reduction == "none":
-        return row
-    total = row.sum()
-    if reduction == "sum":
-        return total
-    n = (pairs * counted).sum() if pairs is not None else counted.sum()
-    return total / n.clamp_min(1).to(torch.float32)
 
 
 def _prepare_student(q_s, k_s, v_s, causal, key_padding_mask, scale_s, reduction) -> float:
@@ -366,12 +350,12 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
             q_t, k_t = cap.codes, None
     q_op, k_op, extra = student_args(student_spec, q_s, k_s, causal=causal, key_padding_mask=key_padding_mask,
                                      scale=scale_s, divergence=divergence, name="student_spec")  # fmt: skip
-    out, row, lse, stats = torch.ops.pykd.attention_kd_fwd(
+    # the forward kernel and the reduction in one op and one autograd node (csrc/attention_kd.cpp)
+    out, loss = torch.ops.pykd.attention_kd_loss(
         q_op, k_op, v_s, q_t.detach(), k_t.detach() if k_t is not None else None, key_padding_mask, th,
         op_divergence, causal, scale_s, scale_t, temperature, *extra, cap is not None and cap.kind == "uint8",
+        reduction, key_padding_mask is not None and q_s.shape[2] == k_s.shape[2],
     )  # fmt: skip
-    pairs = stats[..., 2] if divergence == "mse_scores" else None
-    loss = _reduce(row, lse != float("inf"), key_padding_mask, q_s.shape[2], k_s.shape[2], reduction, pairs)
     return (out if v_s is not None else None), loss
 
 
@@ -520,6 +504,15 @@ def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t,
     )
 
 
+def _loss_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature,
+               block_mask=None, block_size=0, row_threshold=None, q_codes=None, k_codes=None,
+               q_scale=None, k_scale=None, pv_format="none", teacher_map=False, reduction="mean",
+               mask_queries=False):  # fmt: skip
+    B, H, N_q, D = q.shape
+    out = q.new_empty((B, H, N_q, D)) if v is not None else q.new_empty(0)
+    return out, q.new_empty((B, H, N_q) if reduction == "none" else (), dtype=torch.float32)
+
+
 def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal,
               scale_s, scale_t, temperature, *extra):  # fmt: skip
     # contiguous, as the kernels write them (empty_like would copy a transposed input's strides)
@@ -530,46 +523,11 @@ def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, 
     )
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature = inputs[:12]
-    block_mask, block_size, row_threshold, *codes, pv_format, teacher_map = inputs[12:21]
-    out, row, lse, stats = output
-    ctx.mark_non_differentiable(lse, stats)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, q_t, k_t, mask, th, out, lse, stats, block_mask, row_threshold, *codes)
-    dense_delta = pv_format != "none"  # a quantized-P out is not P V
-    ctx.opts = (divergence, causal, scale_s, scale_t, temperature, block_size, dense_delta, teacher_map)
-
-
-def _fwd_backward(ctx, d_out, d_row, d_lse, d_stats):
-    q, k, v, q_t, k_t, mask, th, out, lse, stats, block_mask, row_threshold, *codes = ctx.saved_tensors
-    divergence, causal, scale_s, scale_t, temperature, block_size, dense_delta, teacher_map = ctx.opts
-    if v is None:
-        d_out = None
-    if divergence == "none":
-        d_row = None
-    if d_out is None and d_row is None:
-        return (None,) * 21
-    dq, dk, dv = torch.ops.pykd.attention_kd_bwd(
-        d_out, d_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal, scale_s,
-        scale_t, temperature, block_mask, block_size, row_threshold, dense_delta, *codes, teacher_map,
-    )  # fmt: skip
-    return (dq, dk, (dv if v is not None else None)) + (None,) * 18
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
-def _bwd_backward(ctx, *grads):
-    raise RuntimeError("pykd.attention_kd / pykd.attention: double backward is not supported")
-
-
 if has_cpp():
     torch.library.register_fake("pykd::attention_kd_fwd")(_fwd_fake)
     torch.library.register_fake("pykd::attention_kd_bwd")(_bwd_fake)
-    torch.library.register_autograd("pykd::attention_kd_fwd", _fwd_backward, setup_context=_fwd_setup_context)
-    torch.library.register_autograd("pykd::attention_kd_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+    torch.library.register_fake("pykd::attention_kd_loss")(_loss_fake)
+    # autograd is registered in C++ (csrc/attention_kd.cpp): Python's costs more than the kernels
     if _backend.HAS_TRITON:
         from .kernels import attention_kd as _kattn
 

@@ -306,6 +306,21 @@ def test_teacher_gets_no_gradient_and_no_grad_mode(backend):
     assert_close(loss2, loss)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_op_without_autograd(backend, reduction):
+    """attention_kd's loss op below autograd (inference mode: its composite kernel, no graph) gives the
+    values of the autograd path, padded queries and rows that see no key included."""
+    q, k, v, qt, kt, m = make(device=backend.device, pad=0.3)
+    m[0] = False  # batch 0 sees no key: its rows don't count
+    kw = dict(key_padding_mask=m, teacher_heads=[0, 1, 0, 1], reduction=reduction, divergence="mse_scores")
+    with backend():
+        out, loss = pykd.attention_kd(q.requires_grad_(), k, v, qt, kt, **kw)
+        with torch.inference_mode():
+            out2, loss2 = pykd.attention_kd(q.detach(), k, v, qt, kt, **kw)
+    assert_close(out2, out.detach(), rtol=0, atol=0)
+    assert_close(loss2, loss.detach(), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ attention, relation_kd
 
 
@@ -471,6 +486,11 @@ def test_opcheck(backend):
                 2.0,
             )
             torch.library.opcheck(ops.attention_kd_bwd.default, bargs)
+            # the forward and its reduction in one op: each reduction, padded queries counted or not
+            cases = (("mean", True), ("sum", False), ("none", True))
+            for reduction, mask_queries in cases[: 1 + 2 * (div == "kl")]:
+                largs = args + (None, 0, None, None, None, None, None, "none", False, reduction, mask_queries)
+                torch.library.opcheck(ops.attention_kd_loss.default, largs)
         torch.library.opcheck(
             ops.attention_kd_fwd.default, (q, k, v, None, None, None, None, "none", False, 0.25, 1.0, 1.0)
         )
