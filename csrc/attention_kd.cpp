@@ -777,41 +777,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_below_autograd(PYKD_FWD_PARAM
   return fwd_op().call(PYKD_FWD_ARGS);
 }
 
-// Saves what backward_from needs (`extra`: more tensors, after the 16 it reads).
+// Saves what backward_from needs (`extra`: more tensors, after the 16 it reads). The options go in
+// one tuple: one saved_data entry to write and read, not nine.
 void save_for_bwd(AutogradContext* ctx, PYKD_FWD_PARAMS, const Tensor& out, const Tensor& lse,
-                  const Tensor& stats, const std::vector<Tensor>& extra = {}) {
+                  const Tensor& stats, const std::vector<Tensor>& extra = {}, const std::string& reduction = "") {
   ctx->set_materialize_grads(false);
   auto t = [](const OptT& x) { return x.value_or(Tensor()); };
   std::vector<Tensor> saved{q, k, t(v), t(q_t), t(k_t), t(mask), t(th), out, lse, stats, t(block_mask),
                             t(row_threshold), t(q_codes), t(k_codes), t(q_scale), t(k_scale)};
   saved.insert(saved.end(), extra.begin(), extra.end());
   ctx->save_for_backward(saved);
-  auto& d = ctx->saved_data;
-  d["divergence"] = divergence;
-  d["causal"] = causal;
-  d["scale_s"] = scale_s;
-  d["scale_t"] = scale_t;
-  d["temperature"] = temperature;
-  d["block_size"] = block_size;
-  d["dense_delta"] = pv_format != "none";  // a quantized-P out is not P V
-  d["teacher_map"] = teacher_map;
+  // dense_delta: a quantized-P out is not P V
+  ctx->saved_data["opts"] = c10::ivalue::Tuple::create({divergence, causal, scale_s, scale_t, temperature,
+                                                        block_size, pv_format != "none", teacher_map, reduction});
 }
 
-// dq, dk, dv (undefined without v) from the gradients of out and of the per-row loss.
+// dq, dk, dv (undefined without v) from the gradients of out and of the per-row loss. The saved
+// options: 0 divergence, 1 causal, 2 scale_s, 3 scale_t, 4 temperature, 5 block_size, 6 dense_delta,
+// 7 teacher_map, 8 reduction.
 variable_list backward_from(AutogradContext* ctx, const variable_list& sv, const Tensor& d_out_in,
                             const Tensor& d_row_in) {
-  const auto& d = ctx->saved_data;
-  const std::string divergence = d.at("divergence").toStringRef();
+  const auto o = ctx->saved_data.at("opts").toTuple();
+  const auto& e = o->elements();
+  const std::string& divergence = e[0].toStringRef();
   const Tensor d_out = sv[2].defined() ? d_out_in : Tensor();
   const Tensor d_row = divergence != "none" ? d_row_in : Tensor();
   variable_list res(3);
   if (!d_out.defined() && !d_row.defined()) return res;
-  auto [dq, dk, dv] = bwd_op().call(
-      opt(d_out), opt(d_row), sv[0], sv[1], opt(sv[2]), opt(sv[3]), opt(sv[4]), opt(sv[5]), opt(sv[6]), sv[7],
-      sv[8], sv[9], divergence, d.at("causal").toBool(), d.at("scale_s").toDouble(), d.at("scale_t").toDouble(),
-      d.at("temperature").toDouble(), opt(sv[10]), d.at("block_size").toInt(), opt(sv[11]),
-      d.at("dense_delta").toBool(), opt(sv[12]), opt(sv[13]), opt(sv[14]), opt(sv[15]),
-      d.at("teacher_map").toBool());
+  auto [dq, dk, dv] = bwd_op().call(opt(d_out), opt(d_row), sv[0], sv[1], opt(sv[2]), opt(sv[3]), opt(sv[4]),
+                                    opt(sv[5]), opt(sv[6]), sv[7], sv[8], sv[9], divergence, e[1].toBool(),
+                                    e[2].toDouble(), e[3].toDouble(), e[4].toDouble(), opt(sv[10]), e[5].toInt(),
+                                    opt(sv[11]), e[6].toBool(), opt(sv[12]), opt(sv[13]), opt(sv[14]),
+                                    opt(sv[15]), e[7].toBool());
   res[0] = dq;
   res[1] = dk;
   if (sv[2].defined()) res[2] = dv;
@@ -887,8 +884,7 @@ class AttentionKDLossFunction : public torch::autograd::Function<AttentionKDLoss
     auto [out, row, lse, stats] = forward_below_autograd(PYKD_FWD_ARGS);
     Tensor n;  // forward runs without grad: this node is the reduction's backward too
     auto [loss, real] = reduce_rows(row, lse, stats, mask, mask_queries, reduction, divergence, &n);
-    save_for_bwd(ctx, PYKD_FWD_ARGS, out, lse, stats, {n, real});
-    ctx->saved_data["reduction"] = reduction;
+    save_for_bwd(ctx, PYKD_FWD_ARGS, out, lse, stats, {n, real}, reduction);
     return {out, loss};
   }
 
@@ -897,7 +893,7 @@ class AttentionKDLossFunction : public torch::autograd::Function<AttentionKDLoss
     const Tensor &n = sv[16], &real = sv[17];
     Tensor d_row;
     if (grads[1].defined()) {
-      const std::string reduction = ctx->saved_data.at("reduction").toStringRef();
+      const std::string reduction = ctx->saved_data.at("opts").toTupleRef().elements()[8].toStringRef();
       // (B, H, N_q), the shape of lse (sv[8]) and of the per-row loss
       d_row = reduction == "none" ? grads[1] : (reduction == "mean" ? grads[1] / n : grads[1]).expand_as(sv[8]);
       if (real.defined()) d_row = at::where(real, d_row, at::zeros({}, d_row.options()));

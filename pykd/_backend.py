@@ -61,8 +61,8 @@ def _fast_fill_defaults() -> None:
     """torch's custom-op autograd calls ``torch._library.utils.fill_defaults`` on every forward with
     grad; in torch 2.11-2.13 it reads ``schema.arguments`` (a fresh list of pybind objects) once per
     argument: O(n^2) conversions, 120 us per call of a 21-argument op on a 2-core CPU (the
-    attention op's, before its autograd moved to C++), more than its kernel. This equivalent reads the list once (tests/test_package.py checks
-    that both agree on every pykd op)."""
+    attention op's, before its autograd moved to C++), more than its kernel. This equivalent reads
+    the list once (tests/test_package.py checks that both agree on every pykd op)."""
     try:
         from torch._library import utils
     except ImportError:  # pragma: no cover - a torch without torch.library internals

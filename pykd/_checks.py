@@ -37,7 +37,7 @@ def choice(name: str, value, options: Sequence[str]) -> None:
 
 def real(name: str, value, *, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
     """A finite real number within [lo, hi] (open ends where asked)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     bad = not (v - v == 0)  # not finite (math.isfinite breaks torch.compile(dynamic=True)'s trace)

@@ -59,6 +59,11 @@ def _check_qkv(prefix: str, q, k, v=None) -> None:
             raise ValueError(f"v{prefix} must have the shape of k{prefix} {tuple(ks)}, got {tuple(vs)}")
 
 
+def _const(x):
+    """x as a constant of the ops (the teacher's tensors): detached only when it needs it."""
+    return x.detach() if x is not None and x.requires_grad else x
+
+
 def _check_mask(key_padding_mask, B: int, N_k: int, device) -> None:
     if key_padding_mask is None:
         return
@@ -352,7 +357,7 @@ def _attention_kd(q_s, k_s, v_s, q_t, k_t, divergence, causal, key_padding_mask,
                                      scale=scale_s, divergence=divergence, name="student_spec")  # fmt: skip
     # the forward kernel and the reduction in one op and one autograd node (csrc/attention_kd.cpp)
     out, loss = torch.ops.pykd.attention_kd_loss(
-        q_op, k_op, v_s, q_t.detach(), k_t.detach() if k_t is not None else None, key_padding_mask, th,
+        q_op, k_op, v_s, _const(q_t), _const(k_t), key_padding_mask, th,
         op_divergence, causal, scale_s, scale_t, temperature, *extra, cap is not None and cap.kind == "uint8",
         reduction, key_padding_mask is not None and q_s.shape[2] == k_s.shape[2],
     )  # fmt: skip
