@@ -191,11 +191,20 @@ struct Scratch {
   std::vector<int64_t> cols;
 };
 
-// dst (D, n) = alpha * the rows cols[j] (or j) of src (ld floats apart), transposed.
-void gather_t(const float* src, int64_t ld, const int64_t* cols, int64_t n, int64_t D, float alpha, float* dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float* r = src + (cols ? cols[j] : j) * ld;
-    for (int64_t d = 0; d < D; ++d) dst[d * n + j] = alpha * r[d];
+// dst (D, n) = the rows cols[j] (or j) of src (ld floats apart), transposed, in 16 x 16 blocks so
+// that the strided writes stay in a few cache lines (a (128, 512) tile transposed a row at a time
+// cost a sizeable part of its GEMM).
+void gather_t(const float* src, int64_t ld, const int64_t* cols, int64_t n, int64_t D, float* dst) {
+  constexpr int64_t kB = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += kB) {
+    const int64_t j1 = std::min(n, j0 + kB);
+    for (int64_t d0 = 0; d0 < D; d0 += kB) {
+      const int64_t d1 = std::min(D, d0 + kB);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* r = src + (cols ? cols[j] : j) * ld;
+        for (int64_t d = d0; d < d1; ++d) dst[d * n + j] = r[d];
+      }
+    }
   }
 }
 
@@ -207,19 +216,19 @@ const float* gather_rows(const float* src, const int64_t* cols, int64_t n, int64
   return dst;
 }
 
-// dst rows (cols[j] or j) (+)= src (n, D): the dk / dv update of a tile. `first` (dense tiles only:
-// the task's first tile, which sees the fewest keys) writes rows [0, n) and zeroes [n, rows_total).
-void scatter_rows(float* dst, const float* src, const int64_t* cols, int64_t n, int64_t D, bool first,
-                  int64_t rows_total) {
-  if (cols) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < D; ++d) dst[cols[j] * D + d] += src[j * D + d];
-  } else if (first) {
-    std::memcpy(dst, src, n * D * sizeof(float));
-    std::fill(dst + n * D, dst + rows_total * D, 0.f);
-  } else {
-    for (int64_t i = 0; i < n * D; ++i) dst[i] += src[i];
+// The dk / dv update of a tile: dst rows (cols[j] or j) (+)= A (n, k) B (k, D). Dense tiles GEMM
+// straight into dst, the task's first tile (which sees the fewest keys) over it, zeroing the rows
+// past n; gathered columns go through tmp.
+void update_rows(float* dst, const float* A, const float* B, int64_t n, int64_t k, int64_t D, const int64_t* cols,
+                 bool first, int64_t rows_total, float* tmp) {
+  if (!cols) {
+    gemm(n, D, k, A, k, B, D, dst, D, !first);
+    if (first) std::fill(dst + n * D, dst + rows_total * D, 0.f);
+    return;
   }
+  gemm(n, D, k, A, k, B, D, tmp, D, false);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[cols[j] * D + d] += tmp[j * D + d];
 }
 
 // One query tile's scores, in the task's scratch: the keys it sees (cols: the gathered columns of a
@@ -256,7 +265,7 @@ RawTile raw_scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t r
   const float* Q = (quant ? P.qc : P.q).const_data_ptr<float>() + r0 * P.Ds;
   const float* K = (quant ? P.kc : P.k).const_data_ptr<float>() + (b * P.Hkv + hk) * P.Nk * P.Ds;
   float* kt = W.x.get(P.Ds * n);
-  gather_t(K, P.Ds, R.cols, n, P.Ds, 1.f, kt);
+  gather_t(K, P.Ds, R.cols, n, P.Ds, kt);
   float* S = R.s = W.s.get(rows * n);
   gemm(rows, n, P.Ds, Q, P.Ds, kt, n, S, n, false);
   const float ss = static_cast<float>(P.scale_s);
@@ -307,7 +316,7 @@ RawTile raw_scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t r
     const float* Qt = P.qt.const_data_ptr<float>() + ((b * Ht + th) * P.Nq + m0) * Dt;
     const float* Kt = P.kt.const_data_ptr<float>() + (b * P.kt.size(1) + th / P.Gt) * P.Nk * Dt;
     float* ktt = W.x.get(Dt * n);
-    gather_t(Kt, Dt, R.cols, n, Dt, 1.f, ktt);
+    gather_t(Kt, Dt, R.cols, n, Dt, ktt);
     gemm(rows, n, Dt, Qt, Dt, ktt, n, T, n, false);
     const float st = static_cast<float>(P.scale_t);
     for (int64_t i = 0; i < rows * n; ++i) T[i] *= st;
@@ -642,7 +651,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(tiles, (kTasks + bh - 1) / std::max<int64_t>(bh, 1)));
   auto dq = new_output({P.B, P.H, P.Nq, P.Ds}, f);
-  // Dense tiles write their task's first tile over the buffers (scatter_rows); gathered columns add.
+  // Dense tiles write their task's first tile over the buffers (update_rows); gathered columns add.
   const bool overwrite = !P.bm.defined() && (has_do || has_div);
   auto part = [&] {
     return overwrite ? new_output({P.B, P.H, chunks, P.Nk, P.Ds}, f) : at::zeros({P.B, P.H, chunks, P.Nk, P.Ds}, f);
@@ -676,19 +685,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
         float* ds = ds_buf.get(rows * n);
         float *p = nullptr, *dp = nullptr;
         const float* delta = nullptr;
-        float* tmp = W.z.get(n * D);  // a dk / dv update before scatter_rows
+        float* tmp = R.cols ? W.z.get(n * D) : nullptr;  // a gathered dk / dv update
         if (has_do) {
           const float* dOt = dO.const_data_ptr<float>() + r0 * D;
           p = W.e.get(rows * n);
           tile_probs(R.s, lse_c.const_data_ptr<float>() + r0, rows, n, p);
           // dv += p^T dO
           float* pt = W.y.get(n * rows);
-          gather_t(p, n, nullptr, rows, n, 1.f, pt);
-          gemm(n, D, rows, pt, rows, dOt, D, tmp, D, false);
-          scatter_rows(dv_part.data_ptr<float>() + part_off, tmp, R.cols, n, D, first, P.Nk);
+          gather_t(p, n, nullptr, rows, n, pt);
+          update_rows(dv_part.data_ptr<float>() + part_off, pt, dOt, n, rows, D, R.cols, first, P.Nk, tmp);
           // dp = dO v^T
           float* vt = W.x.get(D * n);
-          gather_t(P.v.const_data_ptr<float>() + kv_off, D, R.cols, n, D, 1.f, vt);
+          gather_t(P.v.const_data_ptr<float>() + kv_off, D, R.cols, n, D, vt);
           dp = dp_buf.get(rows * n);
           gemm(rows, n, D, dOt, D, vt, n, dp, n, false);
           float* dl = delta_buf.get(rows);
@@ -719,9 +727,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_cpu(
         const float* Kr = gather_rows(P.k.const_data_ptr<float>() + kv_off, R.cols, n, D, W.x);
         gemm(rows, D, n, ds, n, Kr, D, dq_t, D, false);
         float* dst = W.y.get(n * rows);
-        gather_t(ds, n, nullptr, rows, n, 1.f, dst);
-        gemm(n, D, rows, dst, rows, P.q.const_data_ptr<float>() + r0 * D, D, tmp, D, false);
-        scatter_rows(dk_part.data_ptr<float>() + part_off, tmp, R.cols, n, D, first, P.Nk);
+        gather_t(ds, n, nullptr, rows, n, dst);
+        update_rows(dk_part.data_ptr<float>() + part_off, dst, P.q.const_data_ptr<float>() + r0 * D, n, rows, D,
+                    R.cols, first, P.Nk, tmp);
       }
     }
   });
