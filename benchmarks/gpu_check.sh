@@ -85,6 +85,7 @@ else
 fi
 # shellcheck disable=SC2086  # the size options are word lists
 {
+  bench 8 bench_host_overhead.py --quick  # launch-bound time of every op next to SDPA (issue 17)
   bench 20 bench_kd_loss.py $KD --providers pykd eager compile liger_kl liger_jsd copy_floor
   bench 25 bench_fused_linear_kd.py $FL --providers pykd eager liger gemm_floor
   bench 30 bench_attention_kd.py $AT --head-dims 64 128 --providers pykd eager sdpa sdpa_chunked
