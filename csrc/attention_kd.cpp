@@ -310,7 +310,8 @@ RawTile raw_scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t r
   if (P.tmap) {  // t = ln(code): the softmax renormalizes, a 0 code is -inf
     const uint8_t* code = P.qt.const_data_ptr<uint8_t>() + ((b * Ht + th) * P.Nq + m0) * P.Nk;
     for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < n; ++j) T[i * n + j] = std::log(static_cast<float>(code[i * P.Nk + (R.cols ? R.cols[j] : j)]));
+      for (int64_t j = 0; j < n; ++j)
+        T[i * n + j] = std::log(static_cast<float>(code[i * P.Nk + (R.cols ? R.cols[j] : j)]));
   } else {
     const int64_t Dt = P.qt.size(3);
     const float* Qt = P.qt.const_data_ptr<float>() + ((b * Ht + th) * P.Nq + m0) * Dt;
@@ -331,12 +332,11 @@ RawTile raw_scores(const Problem& P, int64_t b, int64_t h, int64_t m0, int64_t r
 // vector loop).
 struct Tile {
   Tensor s, t, vis;  // (rows, n); vis undefined = all visible
-  int64_t n;
-  Tile(const RawTile& R, int64_t rows) : n(R.n) {
+  Tile(const RawTile& R, int64_t rows) {
     const auto f = at::TensorOptions().dtype(at::kFloat);
-    s = at::from_blob(R.s, {rows, n}, f);
-    t = at::from_blob(R.t, {rows, n}, f);
-    if (R.vis) vis = at::from_blob(const_cast<bool*>(R.vis), {rows, n}, at::TensorOptions().dtype(at::kBool));
+    s = at::from_blob(R.s, {rows, R.n}, f);
+    t = at::from_blob(R.t, {rows, R.n}, f);
+    if (R.vis) vis = at::from_blob(const_cast<bool*>(R.vis), {rows, R.n}, at::TensorOptions().dtype(at::kBool));
   }
 };
 
@@ -507,8 +507,7 @@ PYKD_HOT void tile_rows_bwd(Div div, float it, const float* S, const float* Tt, 
 // and -1 elsewhere) and l (the row sums of exp(s - m)); pr the capture's probabilities (rows, K):
 // row = sum_k p_k ln p_k + sum_k p_k (lse - z_k) + T (ln T + lse - lse_out), the tail term only if
 // T > 0 and a key lies outside K; lse - z_k = (m - z_k) + ln l keeps its digits.
-void topk_rows_fwd(const Problem& P, const Tile& T, const float* l, const Tensor& pr, const Tensor& row,
-                   const Tensor& st) {
+void topk_rows_fwd(const Tile& T, const float* l, const Tensor& pr, const Tensor& row, const Tensor& st) {
   const auto f = T.s.options();
   auto [m, has] = safe_max(T.s);
   auto l_safe = at::from_blob(const_cast<float*>(l), {T.s.size(0), 1}, f);
@@ -573,7 +572,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
       const int64_t n = R.n;
       if (n == 0) {  // the tile sees no key: out 0, lse +inf, loss 0
         std::fill(lse_p + r0, lse_p + r0 + rows, kInf);
-        if (P.v.defined()) std::fill(out_f.data_ptr<float>() + r0 * P.Ds, out_f.data_ptr<float>() + (r0 + rows) * P.Ds, 0.f);
+        if (P.v.defined()) {
+          float* o = out_f.data_ptr<float>();
+          std::fill(o + r0 * P.Ds, o + (r0 + rows) * P.Ds, 0.f);
+        }
         if (has_div) {
           std::fill(row.data_ptr<float>() + r0, row.data_ptr<float>() + r0 + rows, 0.f);
           float* st = stats.data_ptr<float>() + 3 * r0;
@@ -590,7 +592,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_cpu(
                       has_div ? stats.data_ptr<float>() + 3 * r0 : nullptr);
       } else {
         tile_rows_fwd(Div::kNone, 1.f, R.s, nullptr, R.vis, rows, n, e, l, lse_p + r0, nullptr, nullptr);
-        topk_rows_fwd(P, Tile(R, rows), l, P.qt[b][P.th[h]].narrow(0, m0, rows), row[b][h].narrow(0, m0, rows),
+        topk_rows_fwd(Tile(R, rows), l, P.qt[b][P.th[h]].narrow(0, m0, rows), row[b][h].narrow(0, m0, rows),
                       stats[b][h].narrow(0, m0, rows));
       }
       if (!P.v.defined()) continue;
@@ -853,13 +855,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_kd_fwd_autograd(PYKD_FWD_PA
 
 // (loss, real): real the (B, 1, N_q) counted-query mask, undefined without mask_queries.
 std::pair<Tensor, Tensor> reduce_rows(const Tensor& row, const Tensor& lse, const Tensor& stats, const OptT& mask,
-                                      bool mask_queries, const std::string& reduction,
-                                      const std::string& divergence, Tensor* n_out) {
+                                      bool mask_queries, Reduction reduction, const std::string& divergence,
+                                      Tensor* n_out) {
   const Tensor real = mask_queries && mask.has_value() ? mask->unsqueeze(1) : Tensor();
   const Tensor r = real.defined() ? at::where(real, row, at::zeros({}, row.options())) : row;
-  if (reduction == "none") return {r, real};
+  if (reduction == Reduction::kNone) return {r, real};
   const Tensor total = r.sum();
-  if (reduction == "sum") return {total, real};
+  if (reduction == Reduction::kSum) return {total, real};
   Tensor counted = lse != kInf;
   if (real.defined()) counted = counted.logical_and(real);
   // fp32 counts (a bool sum is int64, and each int64/float division would convert it)
@@ -872,10 +874,11 @@ std::pair<Tensor, Tensor> reduce_rows(const Tensor& row, const Tensor& lse, cons
 #define PYKD_LOSS_PARAMS PYKD_FWD_PARAMS, const std::string &reduction, bool mask_queries
 #define PYKD_LOSS_ARGS PYKD_FWD_ARGS, reduction, mask_queries
 
-void check_reduction(const std::string& reduction, const std::string& divergence) {
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none",
-                    "pykd: reduction must be one of mean, sum, none; got ", reduction);
+// The parsed reduction, after checking the op has a divergence to reduce.
+Reduction loss_reduction(const std::string& reduction, const std::string& divergence) {
+  const Reduction red = parse_reduction(reduction);
   TORCH_CHECK_VALUE(divergence != "none", "pykd::attention_kd_loss needs a divergence");
+  return red;
 }
 
 const auto& loss_op() {
@@ -888,10 +891,10 @@ const auto& loss_op() {
 class AttentionKDLossFunction : public torch::autograd::Function<AttentionKDLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, PYKD_LOSS_PARAMS) {
-    check_reduction(reduction, divergence);
+    const Reduction red = loss_reduction(reduction, divergence);
     auto [out, row, lse, stats] = forward_below_autograd(PYKD_FWD_ARGS);
     Tensor n;  // forward runs without grad: this node is the reduction's backward too
-    auto [loss, real] = reduce_rows(row, lse, stats, mask, mask_queries, reduction, divergence, &n);
+    auto [loss, real] = reduce_rows(row, lse, stats, mask, mask_queries, red, divergence, &n);
     save_for_bwd(ctx, PYKD_FWD_ARGS, out, lse, stats, {n, real}, reduction);
     return {out, loss};
   }
@@ -901,9 +904,10 @@ class AttentionKDLossFunction : public torch::autograd::Function<AttentionKDLoss
     const Tensor &n = sv[16], &real = sv[17];
     Tensor d_row;
     if (grads[1].defined()) {
-      const std::string reduction = ctx->saved_data.at("opts").toTupleRef().elements()[8].toStringRef();
+      const Reduction red = parse_reduction(ctx->saved_data.at("opts").toTupleRef().elements()[8].toStringRef());
       // (B, H, N_q), the shape of lse (sv[8]) and of the per-row loss
-      d_row = reduction == "none" ? grads[1] : (reduction == "mean" ? grads[1] / n : grads[1]).expand_as(sv[8]);
+      d_row = red == Reduction::kNone ? grads[1]
+                                      : (red == Reduction::kMean ? grads[1] / n : grads[1]).expand_as(sv[8]);
       if (real.defined()) d_row = at::where(real, d_row, at::zeros({}, d_row.options()));
     }
     auto res = backward_from(ctx, sv, grads[0], d_row);
@@ -923,9 +927,9 @@ std::tuple<Tensor, Tensor> attention_kd_loss_autograd(PYKD_LOSS_PARAMS) {
 
 // Below autograd (inference mode, or a compiled graph's forward) on any device.
 std::tuple<Tensor, Tensor> attention_kd_loss_composite(PYKD_LOSS_PARAMS) {
-  check_reduction(reduction, divergence);
+  const Reduction red = loss_reduction(reduction, divergence);
   auto [out, row, lse, stats] = fwd_op().call(PYKD_FWD_ARGS);
-  return {out, reduce_rows(row, lse, stats, mask, mask_queries, reduction, divergence, nullptr).first};
+  return {out, reduce_rows(row, lse, stats, mask, mask_queries, red, divergence, nullptr).first};
 }
 
 // The backward op has no derivative of its own: a double backward raises when it reaches it.
@@ -943,22 +947,24 @@ class AttentionKDBackwardFunction : public torch::autograd::Function<AttentionKD
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_autograd(
-    const OptT& grad_out, const OptT& grad_row, const Tensor& q, const Tensor& k, const OptT& v, const OptT& q_t,
-    const OptT& k_t, const OptT& mask, const OptT& th, const Tensor& out, const Tensor& lse, const Tensor& stats,
-    const std::string& divergence, bool causal, double scale_s, double scale_t, double temperature,
-    const OptT& block_mask, int64_t block_size, const OptT& row_threshold, bool dense_delta, const OptT& q_codes,
-    const OptT& k_codes, const OptT& q_scale, const OptT& k_scale, bool teacher_map) {
+#define PYKD_BWD_PARAMS                                                                                  \
+  const OptT &grad_out, const OptT &grad_row, const Tensor &q, const Tensor &k, const OptT &v, const OptT &q_t, \
+      const OptT &k_t, const OptT &mask, const OptT &th, const Tensor &out, const Tensor &lse,               \
+      const Tensor &stats, const std::string &divergence, bool causal, double scale_s, double scale_t,      \
+      double temperature, const OptT &block_mask, int64_t block_size, const OptT &row_threshold,            \
+      bool dense_delta, const OptT &q_codes, const OptT &k_codes, const OptT &q_scale, const OptT &k_scale, \
+      bool teacher_map
+#define PYKD_BWD_ARGS                                                                                       \
+  grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal, scale_s, scale_t,     \
+      temperature, block_mask, block_size, row_threshold, dense_delta, q_codes, k_codes, q_scale, k_scale, \
+      teacher_map
+
+std::tuple<Tensor, Tensor, Tensor> attention_kd_bwd_autograd(PYKD_BWD_PARAMS) {
   if (!at::GradMode::is_enabled()) {  // a first-order backward: no graph to build
     at::AutoDispatchBelowADInplaceOrView below;
-    return bwd_op().call(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal,
-                         scale_s, scale_t, temperature, block_mask, block_size, row_threshold, dense_delta, q_codes,
-                         k_codes, q_scale, k_scale, teacher_map);
+    return bwd_op().call(PYKD_BWD_ARGS);
   }
-  auto r = AttentionKDBackwardFunction::apply(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats,
-                                              divergence, causal, scale_s, scale_t, temperature, block_mask,
-                                              block_size, row_threshold, dense_delta, q_codes, k_codes, q_scale,
-                                              k_scale, teacher_map);
+  auto r = AttentionKDBackwardFunction::apply(PYKD_BWD_ARGS);
   return {r[0], r[1], r[2]};
 }
 
