@@ -1,6 +1,7 @@
 """Sweep the block shapes of the attention_kd Triton kernels on a GPU (one kernel at a time, the
 others at their current defaults); prints a table and writes attention_kd_tune.csv. The winners go
-into kernels/attention_kd.py CONFIGS by hand.
+into kernels/attention_kd.py CONFIGS by hand. Every row times one whole forward+backward step, so
+the ``dkdv_atomic`` rows (DQ_MODE "atomic": no dq kernel) compare directly with the others.
 
     python benchmarks/tune_attention_kd.py --seq 8192 --head-dims 64 128
 """
@@ -36,6 +37,8 @@ CANDIDATES = {
         (64, 64, 8, 1),
     ],
     "dq": [(64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
+    # the dk/dv kernel that also adds dq with atomics (DQ_MODE "atomic": no dq kernel runs)
+    "dkdv_atomic": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
 
 
@@ -60,6 +63,7 @@ def main(argv=None):
 
             for kernel, cands in CANDIDATES.items():
                 default = K.CONFIGS[kernel][key]
+                K.DQ_MODE = "atomic" if kernel == "dkdv_atomic" else "split"  # each row: one whole step
                 for cfg in cands:
                     K.CONFIGS[kernel][key] = cfg
                     try:
@@ -75,6 +79,7 @@ def main(argv=None):
                         f"D={d} N={n} {kernel:>5} {cfg}: {ms:.3f} ms{' (default)' if cfg == default else ''}"
                     )
                 K.CONFIGS[kernel][key] = default
+    K.DQ_MODE = "split"
     out = os.path.join(args.out_dir, device_name(dev))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "attention_kd_tune.csv"), "w", newline="") as f:

@@ -50,6 +50,8 @@ stats = (lse - ln c, lse_out, T).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -67,8 +69,28 @@ CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
     "dq": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2)},
+    # DQ_MODE "atomic": not timed yet; picked by compiling for sm_90 (tests/aot_compile.py): BLOCK_M
+    # >= 64 so the dq dot is a wgmma too, 8 warps for the fewest spills.
+    "dkdv_atomic": {64: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
     "interpret": (16, 16, 1, 1),
 }
+
+
+# How the backward gets dq: "split" (default), a dq kernel per query tile that recomputes the score
+# tiles, deterministic; "atomic", the dk/dv kernel adds each tile's dq with fp32 atomics (fewer GEMMs,
+# summation order varies run to run; torch.use_deterministic_algorithms(True) keeps "split"). Set by
+# PYKD_ATTENTION_DQ or by assigning DQ_MODE. The default moves to whichever an H200 measures faster.
+DQ_MODES = ("split", "atomic")
+DQ_MODE = os.environ.get("PYKD_ATTENTION_DQ", "split")
+
+
+def _atomic_dq() -> bool:
+    if DQ_MODE not in DQ_MODES:
+        raise ValueError(
+            f"the attention dq mode (PYKD_ATTENTION_DQ or pykd.kernels.attention_kd.DQ_MODE) must be one "
+            f"of {DQ_MODES}, got {DQ_MODE!r}"
+        )
+    return DQ_MODE == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
 def _config(kernel: str, d: int, device: torch.device):
@@ -443,7 +465,7 @@ def _attention_kd_fwd_kernel(
 @triton.jit
 def _attention_kd_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, mask_ptr, th_ptr, do_ptr, lse_ptr, stats_ptr, delta_ptr,
-    grow_ptr, cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr, dk_ptr, dv_ptr,
+    grow_ptr, cnt_ptr, idx_ptr, thr_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr, dk_ptr, dv_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn, stride_mb,
     stride_dob, stride_doh, stride_don, stride_cb, stride_ch, stride_ib, stride_ih,
@@ -453,9 +475,12 @@ def _attention_kd_bwd_dkdv_kernel(
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr, T_MAP: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """dk = scale_s sum_i dS_ij q_i, dv = sum_i P_ij dO_i over the GQA group, in (key, query) tiles.
-    With QK_Q the scores come from the codes, as in the forward."""
+    With QK_Q the scores come from the codes, as in the forward. ATOMIC_DQ: also dq_i += scale_s
+    dS_ij k_j for the tile's keys, added with fp32 atomics into dq_ptr (zeroed, fp32), so no dq
+    kernel recomputes the score tiles (6 tile GEMMs in all instead of 9; the sum's order varies)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -538,6 +563,11 @@ def _attention_kd_bwd_dkdv_kernel(
                     term = _div_term(sT, tT, ls[None, :], lt[None, :], aux[None, :], inv_tau, DIV)
                     dsT += tl.where(vis, term, 0.0) * gi[None, :]
                 dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+                if ATOMIC_DQ:
+                    dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=PREC) * scale_s
+                    dq_mask = row_ok[:, None] & (offs_ds < D_S)[None, :]
+                    tl.atomic_add(dq_ptr + row_off[:, None] * D_S + offs_ds[None, :], dq, mask=dq_mask,
+                                  sem="relaxed")  # fmt: skip
     base = bhk * N_K + offs_n
     tl.store(dk_ptr + base[:, None] * D_S + offs_ds[None, :], (dk * scale_s).to(dk_ptr.dtype.element_ty),
              mask=dmask_s)  # fmt: skip
@@ -828,14 +858,21 @@ def attention_kd_bwd(
             BLOCK_N=BN, DELTA_ONLY=True, QK_Q=QK_Q,
             num_warps=warps, num_stages=stages, **{**c["consts"], "DIV": 0},
         )  # fmt: skip
-    BM, BN, warps, stages = _tiles("dkdv", c, dev, c["BS"], has_bm)
+    atomic = _atomic_dq()
+    dq_acc = dq  # atomic: a zeroed fp32 accumulator (dq itself when q is fp32)
+    if atomic:
+        f32 = torch.float32
+        dq_acc = dq.zero_() if dq.dtype == f32 else torch.zeros(q.shape, device=dev, dtype=f32)
+    BM, BN, warps, stages = _tiles("dkdv_atomic" if atomic else "dkdv", c, dev, c["BS"], has_bm)
     cnt, idx, lstrides, nb = c["bwd_lists"]
     _attention_kd_bwd_dkdv_kernel[(triton.cdiv(N_K, BN), B * H_KV)](
-        *args, cnt, idx, c["thr"], *quant, dk, dv, *c["strides"], *dstrides, *lstrides, *qstrides, H, H_KV,
-        c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_V=v is not None, HAS_DO=has_do,
-        CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q,
+        *args, cnt, idx, c["thr"], *quant, dk, dv, dq_acc, *c["strides"], *dstrides, *lstrides, *qstrides, H,
+        H_KV, c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_V=v is not None, HAS_DO=has_do,
+        CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q, ATOMIC_DQ=atomic,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
+    if atomic:
+        return (dq_acc if dq_acc is dq else dq.copy_(dq_acc)), dk, dv
     BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
     cnt, idx, lstrides, nb = c["fwd_lists"]
     _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
@@ -847,4 +884,4 @@ def attention_kd_bwd(
     return dq, dk, dv
 
 
-__all__ = ["attention_kd_fwd", "attention_kd_bwd", "DIVERGENCES", "CONFIGS"]
+__all__ = ["attention_kd_fwd", "attention_kd_bwd", "DIVERGENCES", "CONFIGS", "DQ_MODES"]

@@ -115,3 +115,27 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
     scale = scale.contiguous()
     block = 4096
     _scale_rows_kernel[(triton.cdiv(n, block),)](x, scale, C, n, PER_ROW=scale.numel() != 1, BLOCK=block)
+
+
+@triton.jit
+def block_start(v0, V, BLOCK_V: tl.constexpr, BACKWARD: tl.constexpr):
+    """First column of the block that a row sweep ``for v0 in range(0, V, BLOCK_V)`` visits at v0:
+    v0 itself (the loop keeps its plain form, and its code, when not BACKWARD), or, BACKWARD, the
+    blocks from last to first."""
+    if BACKWARD:
+        return (tl.cdiv(V, BLOCK_V) - 1) * BLOCK_V - v0
+    return v0
+
+
+_SM_COUNT: dict = {}
+
+
+def row_programs(R: int, device: torch.device, cap: int, per_sm: int) -> int:
+    """Grid of a row kernel for R rows: one program per row up to cap, or (per_sm > 0, CUDA) per_sm
+    programs per SM striding over the rows."""
+    n = min(R, cap)
+    if per_sm and device.type == "cuda":
+        if device not in _SM_COUNT:
+            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        n = min(n, per_sm * _SM_COUNT[device])
+    return n

@@ -13,12 +13,14 @@ import triton.language as tl
 
 from .common import (
     DIVERGENCES,
+    block_start,
     finish_rows,
     logit_map,
     logit_map_args,
     logit_map_grad,
     new_output,
     row_loss_scale,
+    row_programs,
     soft_weight,
     zero_grad_row,
     zero_row,
@@ -28,6 +30,14 @@ from .common import (
 # far above, but a cap keeps any row count valid. Tests lower both constants to exercise the loops.
 MAX_PROGRAMS = 65535
 MAX_BLOCK_V = 8192
+# Launch choices that benchmarks/tune_kd_loss.py sweeps on a GPU (issue 18); the defaults stand until
+# a GPU run picks others. NUM_WARPS 0: by block size (launch_config). PROGRAMS_PER_SM 0: one program
+# per row; k: k programs per SM (CUDA) striding over the rows, so fewer rows are in flight at once.
+# REVERSE: each sweep after the first walks the row in the other direction, so it starts on the
+# blocks the previous sweep read last (the likeliest still in L2).
+NUM_WARPS = 0
+PROGRAMS_PER_SM = 0
+REVERSE = False
 
 
 @triton.jit
@@ -67,6 +77,7 @@ def _kd_loss_kernel(
     T_CAP: tl.constexpr,
     PHASE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """Per row r, logits first mapped by f (logit_scale a, logit_softcap c: f(x) = c tanh(a x / c), or
     a x), with z = f(logits) / T, p = softmax(z), lse = m + log l:
@@ -93,13 +104,16 @@ def _kd_loss_kernel(
         PHASE 1: sweep 1 -> out (R, 8) = (m_s, l_s, m_t, l_t, m_h, l_h, acc, f(s)[y] or 0 off-slice)
         PHASE 2: sweep 2 from stats (R, 2) = (lse_s, lse_t) -> out (R, 2) = (x1, x2)
         PHASE 3: sweep 3 from stats (R, 5) = (lse_s, lse_t, lse_h, stat, poison) -> grad
-    Ignored rows write zeros.
+    Ignored rows write zeros. REVERSE: sweep 2 walks the row's blocks last to first, then sweep 3
+    first to last (without sweep 2: sweep 3 last to first), so each starts where the last ended.
     """
     pid = tl.program_id(0).to(tl.int64)  # so the row index, and every row offset, is int64
     nprog = tl.num_programs(0)
     gscale = tl.load(scale_ptr).to(tl.float32)
     NEG_INF: tl.constexpr = float("-inf")
     NEED_H: tl.constexpr = HAS_TARGET and ((not SAME_T) or DIV == 5)
+    SWEEP2: tl.constexpr = (DIV == 3 or DIV == 4) and (PHASE == 0 or PHASE == 2)
+    BACK3: tl.constexpr = REVERSE and not (SWEEP2 and PHASE == 0)
     for row64 in range(pid, R, nprog):
         s_row = s_ptr + row64 * stride_s
         t_row = t_ptr + row64 * stride_t
@@ -204,11 +218,11 @@ def _kd_loss_kernel(
                     stat = tl.load(st + 3)
                     poison = tl.load(st + 4)
             # ---- sweep 2 (jsd, tvd): the loss and the gradient's row statistic
-            if (DIV == 3 or DIV == 4) and (PHASE == 0 or PHASE == 2):
+            if SWEEP2:
                 x1 = 0.0
                 x2 = 0.0
                 for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
+                    offs = block_start(v0, V, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
                     tr = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
@@ -254,7 +268,7 @@ def _kd_loss_kernel(
                 ch = one_minus_alpha * gscale
                 g_row = g_ptr + row64 * stride_g
                 for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
+                    offs = block_start(v0, V, BLOCK_V, BACK3) + tl.arange(0, BLOCK_V)
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
                     tr = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
@@ -313,7 +327,7 @@ def _log_mix(log_pt, log_ps, log_beta, log_1mb):
 def launch_config(V: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary of V."""
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-    return block_v, 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+    return block_v, NUM_WARPS or (4 if block_v <= 1024 else (8 if block_v <= 4096 else 16))
 
 
 def _launch(
@@ -346,7 +360,7 @@ def _launch(
     block_v, num_warps = launch_config(V)
     s_scale, s_cap, s_has_cap = logit_map_args(logit_map[:2])
     t_scale, t_cap, t_has_cap = logit_map_args(logit_map[2:])
-    _kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
+    _kd_loss_kernel[(row_programs(R, student.device, MAX_PROGRAMS, PROGRAMS_PER_SM),)](
         student,
         teacher,
         target if target is not None else scale,
@@ -382,6 +396,7 @@ def _launch(
         T_CAP=t_has_cap,
         PHASE=phase,
         BLOCK_V=block_v,
+        REVERSE=REVERSE,
         num_warps=num_warps,
     )
 

@@ -10,12 +10,14 @@ import triton
 import triton.language as tl
 
 from .common import (
+    block_start,
     finish_rows,
     logit_map,
     logit_map_args,
     logit_map_grad,
     new_output,
     row_loss_scale,
+    row_programs,
     soft_weight,
     zero_grad_row,
     zero_row,
@@ -24,6 +26,12 @@ from .common import (
 MAX_PROGRAMS = 65535
 MAX_BLOCK_V = 2048  # the tail's membership test holds a (BLOCK_V, KW) compare in registers
 KW = 16  # sorted top-K indices tested against one vocabulary block at a time
+# Launch choices swept by benchmarks/tune_kd_loss.py on a GPU, as in kd_loss.py: NUM_WARPS 0 (by
+# block size), PROGRAMS_PER_SM 0 (one program per row), REVERSE (the gradient sweep walks the row
+# last block first, where the statistics sweep ended).
+NUM_WARPS = 0
+PROGRAMS_PER_SM = 0
+REVERSE = False
 
 
 @triton.jit
@@ -61,6 +69,7 @@ def _topk_kd_loss_kernel(
     KW: tl.constexpr,
     S_CAP: tl.constexpr,
     PHASE: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """Per row, s = f(logits) (logit_scale / logit_softcap, gradients times f'), z = s / T,
     q = softmax(z), teacher log-probs lp_k at sorted distinct indices i_k.
@@ -160,7 +169,7 @@ def _topk_kd_loss_kernel(
                 lse_o = tl.where(lse_out == NEG_INF, 0.0, lse_out)
                 g_row = g_ptr + row64 * stride_g
                 for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
+                    offs = block_start(v0, V, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
                     mask = offs < V
                     sr = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
                     sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
@@ -314,6 +323,12 @@ def _outside_grad(sr, inv_t, lse, lse_o, p_tail, mass, lse_h, cs, ch, TAIL, NEED
     return g
 
 
+def launch_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of V."""
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    return block_v, NUM_WARPS or (4 if block_v <= 1024 else 8)
+
+
 def _launch(
     student,
     lp,
@@ -342,10 +357,10 @@ def _launch(
     K = idx.shape[1]
     if R == 0 or V == 0:
         return
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    block_v, num_warps = launch_config(V)
     block_k = triton.next_power_of_2(max(K, 1))
     s_scale, s_cap, s_has_cap = logit_map_args(logit_map)
-    _topk_kd_loss_kernel[(min(R, MAX_PROGRAMS),)](
+    _topk_kd_loss_kernel[(row_programs(R, student.device, MAX_PROGRAMS, PROGRAMS_PER_SM),)](
         student,
         lp,
         idx,
@@ -379,7 +394,8 @@ def _launch(
         KW=min(KW, block_k),
         S_CAP=s_has_cap,
         PHASE=phase,
-        num_warps=4 if block_v <= 1024 else 8,
+        REVERSE=REVERSE,
+        num_warps=num_warps,
     )
 
 

@@ -77,7 +77,8 @@ def compile_all(arch: int) -> int:
                 for has_target, same_t, grad in ((True, False, True), (False, True, False)):
                     # the soft-cap (tanh) path compiled with the target variant
                     cst = dict(DIV=div, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
-                               S_CAP=has_target, T_CAP=has_target, PHASE=0, BLOCK_V=block_v)  # fmt: skip
+                               S_CAP=has_target, T_CAP=has_target, PHASE=0, BLOCK_V=block_v,
+                               REVERSE=kd_loss.REVERSE)  # fmt: skip
                     src = ASTSource(
                         fn=kd_loss._kd_loss_kernel,
                         signature=dict(sig, **{k: "constexpr" for k in cst}),
@@ -91,10 +92,21 @@ def compile_all(arch: int) -> int:
             for div, phase in (("kl", 1), ("kl", 3), ("jsd", 2), ("jsd", 3), ("mse", 1), ("mse", 3)):
                 cst = dict(DIV=common.DIVERGENCES.index(div), HAS_TARGET=True, SAME_T=False,
                            COMPUTE_GRAD=phase == 3, S_CAP=False, T_CAP=False, PHASE=phase,
-                           BLOCK_V=block_v)  # fmt: skip
+                           BLOCK_V=block_v, REVERSE=kd_loss.REVERSE)  # fmt: skip
                 signature = dict(sig, **dict.fromkeys(cst, "constexpr"))
                 src = ASTSource(fn=kd_loss._kd_loss_kernel, signature=signature, constexprs=cst)
                 build(src, target, f"kd_loss {dtype} V=32064 {div} phase={phase}", num_warps=num_warps)
+                n += 1
+            # the reversed sweeps (REVERSE, benchmarks/tune_kd_loss.py), two sweeps and three
+            block_v, num_warps = kd_loss.launch_config(128256)
+            for div in ("kl", "jsd"):
+                cst = dict(DIV=common.DIVERGENCES.index(div), HAS_TARGET=True, SAME_T=False,
+                           COMPUTE_GRAD=True, S_CAP=False, T_CAP=False, PHASE=0, BLOCK_V=block_v,
+                           REVERSE=not kd_loss.REVERSE)  # fmt: skip
+                signature = dict(sig, **dict.fromkeys(cst, "constexpr"))
+                src = ASTSource(fn=kd_loss._kd_loss_kernel, signature=signature, constexprs=cst)
+                build(src, target, f"kd_loss {dtype} V=128256 {div} reverse={not kd_loss.REVERSE}",
+                      num_warps=num_warps)  # fmt: skip
                 n += 1
         for per_row in (True, False):
             cst = {"PER_ROW": per_row, "BLOCK": 4096}
@@ -149,7 +161,7 @@ def compile_topk(target) -> int:
             grad = phase == 2 or (phase == 0 and has_target)
             cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=not has_target, COMPUTE_GRAD=grad,
                        BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW, S_CAP=has_target and phase == 0,
-                       PHASE=phase)  # fmt: skip
+                       PHASE=phase, REVERSE=K.REVERSE)  # fmt: skip
             src = ASTSource(
                 fn=K._topk_kd_loss_kernel,
                 signature=dict(sig, **{k: "constexpr" for k in cst}),
@@ -166,7 +178,8 @@ def compile_topk(target) -> int:
 def compile_attention(target, head_dims, fp8=True) -> int:
     """attention_kd's three kernels (bf16, kl, causal + padding) at the launcher's block shapes, then
     the sparse/quantized variants (DESIGN.md section 6) at D = 64: block lists + row threshold in all
-    three, int8 QK with fp8 P and fp8 QK with int8 P in the forward, the dense-Delta pass of dq.
+    three, int8 QK with fp8 P and fp8 QK with int8 P in the forward, the dense-Delta pass of dq; and
+    the dk/dv kernel that adds dq with atomics (DQ_MODE "atomic") at each head dim.
     fp32 variants take ~15 s each on 2 cores, so not every divergence and dtype: those ran on an
     H100 (tests marked gpu)."""
     K = attention_kd
@@ -175,8 +188,9 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         "dkdv": K._attention_kd_bwd_dkdv_kernel,
         "dq": K._attention_kd_bwd_dq_kernel,
     }
-    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False, T_MAP=False)
+    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False, T_MAP=False, ATOMIC_DQ=False)
     cases = [(D, name, off, "") for D in head_dims for name in kernels]
+    cases += [(D, "dkdv", dict(off, ATOMIC_DQ=True), " atomic dq") for D in head_dims]
     sparse = dict(off, HAS_BM=True, HAS_THR=True)
     cases += [
         (64, "fwd", dict(sparse, QK_Q=1, PV_Q=2 if fp8 else 1), " block+topk int8 QK fp8 P"),
@@ -192,7 +206,8 @@ def compile_attention(target, head_dims, fp8=True) -> int:
     n = 0
     for D, name, flags, label in cases:
         kernel = kernels[name]
-        BM, BN, warps, stages = K.CONFIGS[name][64 if D <= 64 else 128]
+        config = "dkdv_atomic" if flags.get("ATOMIC_DQ") else name
+        BM, BN, warps, stages = K.CONFIGS[config][64 if D <= 64 else 128]
         if flags["HAS_BM"]:
             BM, BN = min(BM, 64), min(BN, 64)
         block_ds = max(32, D) if flags["QK_Q"] else D  # as the launcher pads it
@@ -221,6 +236,8 @@ def _attention_signature(kernel, cst) -> dict:
         ptrs.update(qt_ptr="*fp32", kt_ptr="*i32")
     if cst.get("T_MAP"):  # a uint8 map of the teacher's P (k_t unused: the launcher passes it again)
         ptrs.update(qt_ptr="*u8", kt_ptr="*u8")
+    if cst.get("ATOMIC_DQ"):  # the dk/dv kernel's fp32 dq accumulator
+        ptrs.update(dq_ptr="*fp32")
     sig = {}
     for a in kernel.arg_names:
         if a in cst:

@@ -6,6 +6,7 @@ before pykd.kernels is imported, so it is set here, first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
@@ -67,6 +68,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_bf16_fixes()
 
 import pytest  # noqa: E402
+from helpers import TRITON, dq_mode  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import pykd  # noqa: E402,F401
@@ -87,28 +89,32 @@ HAS_CUDA = torch.cuda.is_available()
 
 class Backend:
     """Where an op test runs: ``cpp`` (C++ on CPU) or ``triton`` (CUDA if present, else the
-    interpreter on CPU tensors)."""
+    interpreter on CPU tensors). ``triton_atomic_dq`` is ``triton`` with the attention backward's
+    dq added by the dk/dv kernel with atomics (kernels/attention_kd.py DQ_MODE); attention tests
+    opt in with ``@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)``."""
 
     def __init__(self, name: str):
         self.name = name
-        self.device = torch.device("cuda" if (name == "triton" and HAS_CUDA) else "cpu")
-        self.interpreted = name == "triton" and not HAS_CUDA
+        triton = name.startswith("triton")
+        self.device = torch.device("cuda" if (triton and HAS_CUDA) else "cpu")
+        self.interpreted = triton and not HAS_CUDA
+        self.atomic_dq = name == "triton_atomic_dq"
 
+    @contextlib.contextmanager
     def __call__(self):
-        """Context manager that routes CPU tensors to Triton when interpreting."""
-        if self.interpreted:
-            return _backend.triton_on_cpu()
-        import contextlib
-
-        return contextlib.nullcontext()
+        """Routes CPU tensors to Triton when interpreting; sets the dq mode of triton_atomic_dq."""
+        with contextlib.ExitStack() as stack:
+            if self.interpreted:
+                stack.enter_context(_backend.triton_on_cpu())
+            if self.atomic_dq:
+                stack.enter_context(dq_mode("atomic"))
+            yield
 
     def __repr__(self):
         return self.name
 
 
-BACKENDS = ["cpp"]
-if _backend.HAS_TRITON and (HAS_CUDA or _backend.interpreting()):
-    BACKENDS.append("triton")
+BACKENDS = ["cpp"] + (["triton"] if TRITON else [])
 
 
 @pytest.fixture(params=BACKENDS)

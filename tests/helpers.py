@@ -3,9 +3,30 @@ PYKD_POISON_OUTPUTS switch of the ops themselves.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+from pykd import _backend
+
+# Triton runs where CUDA is, or in the interpreter (tests/conftest.py sets TRITON_INTERPRET first).
+TRITON = _backend.HAS_TRITON and (torch.cuda.is_available() or _backend.interpreting())
+# The backends of the attention tests that also cover the atomic-dq backward (tests/conftest.py).
+ATTENTION_BACKENDS = ["cpp"] + (["triton", "triton_atomic_dq"] if TRITON else [])
+
+
+@contextlib.contextmanager
+def dq_mode(mode: str):
+    """kernels/attention_kd.py's DQ_MODE set to mode inside the block."""
+    from pykd.kernels import attention_kd
+
+    old, attention_kd.DQ_MODE = attention_kd.DQ_MODE, mode
+    try:
+        yield
+    finally:
+        attention_kd.DQ_MODE = old
+
 
 # (rtol, atol) per dtype of the tensor being checked. atol is relative to the largest |expected|
 # entry of that tensor, so one table serves gradients of any scale. fp32 values come from fp32

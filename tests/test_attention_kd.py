@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, assert_close_to_baseline, examples
+from helpers import ATTENTION_BACKENDS, TRITON, assert_close, assert_close_to_baseline, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,6 +152,7 @@ def compare(a, e, dtype, scales=None, base=None, extra=None):
 # ------------------------------------------------------------------ values and gradients
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "pad"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("divergence", DIVS)
@@ -197,6 +198,7 @@ def test_cross_lengths_and_scales(backend):
     check(backend, q, k, v, qt, kt, m, divergence="reverse_kl", temperature=0.5, teacher_heads=[0, 0, 1, 1])
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("divergence", ["kl", "mse_scores"])
 def test_all_padded(backend, divergence):
     """A batch whose keys are all padded: out 0, loss 0, gradients 0, never NaN; a fully padded
@@ -227,6 +229,7 @@ def test_all_padded(backend, divergence):
     assert all((g == 0).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("divergence", ["kl", "mse"])
 def test_half_dtypes(backend, dtype, divergence):
@@ -241,6 +244,7 @@ def test_teacher_dtype_may_differ(backend):
     check(backend, q, k, v, qt.bfloat16(), kt.bfloat16(), m, divergence="kl", teacher_heads=[0, 1, 0, 1])
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "mse_scores"])
 def test_extreme_scores(backend, divergence):
     """Scores near +-1e4 (one-hot maps): finite, and as close as fp32 scores allow."""
@@ -264,6 +268,7 @@ def test_extreme_scores(backend, divergence):
     assert out_err <= 2 * eps * v.abs().max().item() + 2e-6 * e[0].abs().max().item(), out_err
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 def test_non_contiguous_layouts(backend):
     """(B, N, H, D) storage transposed to (B, H, N, D), as Hugging Face attention passes it."""
     q, k, v, qt, kt, m = make(device=backend.device, pad=0.2)
@@ -272,6 +277,7 @@ def test_non_contiguous_layouts(backend):
     check(backend, q, k, v, qt, kt, m, divergence="mse", teacher_heads=[1, 1, 0, 0])
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 def test_only_output_or_only_loss_backward(backend):
     q, k, v, qt, kt, m = make(device=backend.device, pad=0.2)
     go = torch.randn(q.shape, device=backend.device)
@@ -600,20 +606,71 @@ def test_bad_input_other_entry_points():
         pykd.nn.RelationKDLoss(4)([torch.zeros(2, 8, 32)], torch.zeros(2, 8, 32))
 
 
+@pytest.mark.skipif(not TRITON, reason="needs Triton (CUDA or the interpreter)")
+def test_atomic_dq_mode(monkeypatch):
+    """DQ_MODE "atomic": the dk/dv kernel adds dq (no dq kernel runs), within fp32 rounding of the
+    split backward; under torch.use_deterministic_algorithms the split runs, bitwise as without;
+    a DQ_MODE that is not a mode raises."""
+    from conftest import Backend
+
+    from pykd.kernels import attention_kd as K
+
+    launches = []
+
+    class Counting:  # counts the dq kernel's launches
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return dq_kernel[grid]
+
+    dq_kernel = K._attention_kd_bwd_dq_kernel
+    monkeypatch.setattr(K, "_attention_kd_bwd_dq_kernel", Counting())
+    q, k, v, qt, kt, m = make(Nq=37, Ds=24, pad=0.2)  # scale 24^-0.5: rounding differs from split
+    go = torch.randn(q.shape)
+    kw = dict(go=go, key_padding_mask=m, teacher_heads=[0, 1, 1, 0], causal=True)
+    backend = Backend("triton")
+
+    def grads(mode, deterministic=False):
+        launches.clear()
+        monkeypatch.setattr(K, "DQ_MODE", mode)
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            g = run(backend, pykd.attention_kd, q, k, v, qt, kt, **kw)[2]
+        finally:
+            torch.use_deterministic_algorithms(was)
+        return g, len(launches)
+
+    split, n_split = grads("split")
+    atomic, n_atomic = grads("atomic")
+    assert (n_split, n_atomic) == (1, 0)
+    scale = cancel_scale(q, k, v, go)
+    for name, a, b in zip(("dq", "dk", "dv"), atomic, split):
+        assert_close(a, b, name=name, scale=scale)
+    if backend.interpreted:  # one tile shape for both: dk, dv come from the same sums
+        assert torch.equal(atomic[1], split[1]) and torch.equal(atomic[2], split[2])
+    det, n_det = grads("atomic", deterministic=True)
+    assert n_det == 1 and all(torch.equal(a, b) for a, b in zip(det, split))
+    monkeypatch.setattr(K, "DQ_MODE", "atomics")
+    with pytest.raises(ValueError, match=r"dq mode \(PYKD_ATTENTION_DQ or .*\) must be one of"):
+        run(backend, pykd.attention_kd, q, k, v, qt, kt, **kw)
+
+
 # ------------------------------------------------------------------ GPU
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_real_sizes(D, dtype):
-    """Real block shapes: N not a multiple of the tiles, GQA, causal and padding, on the GPU."""
+@pytest.mark.parametrize("mode", ["triton", "triton_atomic_dq"])
+def test_gpu_real_sizes(D, dtype, mode):
+    """Real block shapes: N not a multiple of the tiles, GQA, causal and padding, on the GPU; with
+    either dq mode of the backward."""
     from conftest import Backend
 
     q, k, v, qt, kt, m = make(B=2, Hs=8, Hkv=2, Ht=4, Htkv=2, Nq=777, Ds=D, Dt=D, dtype=dtype, device="cuda",
                               pad=0.1)  # fmt: skip
     for div in DIVS:
-        check(Backend("triton"), q, k, v, qt, kt, m, dtype=dtype, divergence=div, causal=True,
+        check(Backend(mode), q, k, v, qt, kt, m, dtype=dtype, divergence=div, causal=True,
               teacher_heads=[0, 1, 2, 3, 3, 2, 1, 0], temperature=2.0)  # fmt: skip
 
 

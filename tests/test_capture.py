@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import assert_close, examples
+from helpers import ATTENTION_BACKENDS, assert_close, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention_kd import cancel_scale, check_compiled, compare, delta_rounding, make, ref, run
@@ -38,6 +38,7 @@ def test_topk_capture_matches_reference(backend, causal):
     )
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("K", [1, 4, 21])
 @pytest.mark.parametrize("causal", [False, True])
 def test_distill_from_topk_capture(backend, K, causal):
@@ -149,6 +150,7 @@ def test_half_students(backend, dtype):
                teacher_heads=[1, 0, 1, 1])  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_divergence_only_and_int32_indices(backend, reduction):
     """attention_divergence (no V) from a capture; int32 indices give the same results as int64."""
@@ -244,6 +246,7 @@ def test_uint8_capture_matches_reference(backend, causal):
 ref_map = partial(reference.attention_kd, q_t=None, k_t=None)  # with teacher_map=<codes>
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("divergence", ["kl", "mse"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_distill_from_uint8_capture(backend, divergence, causal):

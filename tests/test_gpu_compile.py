@@ -45,7 +45,7 @@ def test_kernels_compile_for_gpu(arch, tmp_path):
         timeout=1200,
     )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    expected = 114 + 6 + 12 + 4 + (6 if arch >= 90 else 3) + 6 + 3 + 3 + (2 if arch >= 89 else 1)
+    expected = 114 + 6 + 2 + 12 + 4 + (8 if arch >= 90 else 4) + 6 + 3 + 3 + (2 if arch >= 89 else 1)
     assert r.stdout.strip().splitlines()[-1] == f"compiled {expected}", r.stdout[-500:]
     if arch == 90:
         check_sm90(read(stats), read(COMMITTED))

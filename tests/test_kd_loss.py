@@ -149,12 +149,15 @@ def test_vocab_sizes(backend, V):
         check(backend, s, t, y, divergence=div, temperature=2.0)
 
 
-def test_multiple_blocks_and_programs(backend, monkeypatch):
-    """V not a multiple of the vocabulary block, and more rows than programs (grid-stride loop)."""
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_multiple_blocks_and_programs(backend, monkeypatch, reverse):
+    """V not a multiple of the vocabulary block, and more rows than programs (grid-stride loop);
+    with the later sweeps walking the row backward (REVERSE; Triton only, C++ ignores it)."""
     from pykd.kernels import kd_loss as k
 
     monkeypatch.setattr(k, "MAX_BLOCK_V", 16)
     monkeypatch.setattr(k, "MAX_PROGRAMS", 3)
+    monkeypatch.setattr(k, "REVERSE", reverse)
     s, t, y = make((11, 53), device=backend.device, ignore_frac=0.3)
     for div in DIVS:
         check(backend, s, t, y, divergence=div, temperature=1.3)
@@ -592,6 +595,24 @@ def test_gpu_large_vocab(dtype):
 
     check(Backend("triton"), s, t, y, divergence="kl", temperature=2.0)
     check(Backend("triton"), s, t, y, divergence="jsd", temperature=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_sm,warps,block", [(1, 8, 4096), (2, 0, 0)])
+def test_gpu_launch_choices(monkeypatch, per_sm, warps, block):
+    """The launch choices benchmarks/tune_kd_loss.py sweeps: fewer programs than rows (per SM),
+    other warps and blocks, reversed later sweeps."""
+    from conftest import Backend
+
+    from pykd.kernels import kd_loss as k
+
+    monkeypatch.setattr(k, "PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(k, "NUM_WARPS", warps)
+    monkeypatch.setattr(k, "MAX_BLOCK_V", block or k.MAX_BLOCK_V)
+    monkeypatch.setattr(k, "REVERSE", True)
+    s, t, y = make((600, 32000), dtype=torch.bfloat16, device="cuda", ignore_frac=0.1)
+    for div in ("kl", "jsd"):
+        check(Backend("triton"), s, t, y, divergence=div, temperature=2.0)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, examples
+from helpers import ATTENTION_BACKENDS, assert_close, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention_kd import (
@@ -136,6 +136,7 @@ def check_spec(backend, spec, *, causal=False, dtype=F32, pad=0.0, **kw):
 # ------------------------------------------------------------------ values and gradients
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind", ["block", "topk", "int8", "int8_fp8", "fp8_int8", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "mse"])
@@ -218,6 +219,7 @@ def test_hidden_blocks_are_never_read(backend):
     compare((a[0], a[1], [a[2][0], k0, v0]), e, F32)
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)
 def test_rows_that_see_nothing(backend):
     """A query block with no visible key block: out 0, lse +inf, no loss and no gradient from it, and
     it does not count in the mean."""
@@ -593,7 +595,8 @@ def test_constants():
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bs", [64, 128])
-def test_gpu_real_sizes(D, bs):
+@pytest.mark.parametrize("mode", ["triton", "triton_atomic_dq"])
+def test_gpu_real_sizes(D, bs, mode):
     """Real tiles and tensor-core int8 dots on the GPU: block mask + row top-k + int8 Q/K, bf16, GQA,
     causal and padding, N not a multiple of the blocks (P unquantized: at this size some P entry
     always lies within rounding of a code boundary; small-N tests cover quantized P)."""
@@ -608,9 +611,7 @@ def test_gpu_real_sizes(D, bs):
     q, k, v, qt, kt, m = draw(spec, causal=True, **shape)
     go = torch.randn(q.shape, device="cuda").to(q.dtype)
     args = dict(causal=True, key_padding_mask=m, divergence="kl", teacher_heads=[0, 1, 2, 3, 3, 2, 1, 0])
-    a = run(
-        Backend("triton"), pykd.attention_kd, q, k, v, qt, kt, go=go, student_spec=on("cuda", spec), **args
-    )
+    a = run(Backend(mode), pykd.attention_kd, q, k, v, qt, kt, go=go, student_spec=on("cuda", spec), **args)
     e = ref(reference.attention_kd, q, k, v, qt, kt, go=go, student_spec=spec, **args)
     cpu = [x.cpu() for x in (q, k, v, qt, kt)]
     base = ref(reference.attention_kd, *cpu, go=go.cpu(), dtype=torch.bfloat16, student_spec=spec,

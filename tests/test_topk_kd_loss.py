@@ -153,6 +153,20 @@ def test_window_walks_dense_blocks(backend):
     check(backend, s.to(backend.device), lp.to(backend.device), idx.to(backend.device), None, tail=True)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_multiple_blocks_and_programs(backend, monkeypatch, reverse):
+    """V not a multiple of the vocabulary block, more rows than programs (grid-stride loop), the
+    gradient sweep in either direction (REVERSE; Triton only, C++ ignores it)."""
+    from pykd.kernels import topk_kd_loss as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(k, "MAX_PROGRAMS", 3)
+    monkeypatch.setattr(k, "REVERSE", reverse)
+    s, lp, idx, y = make(11, 53, 7, device=backend.device)
+    for tail in (True, False):
+        check(backend, s, lp, idx, y, temperature=1.3, tail=tail)
+
+
 def test_tail_keeps_its_digits(backend):
     """The student puts all but ~1e-30 of its mass on the K entries while the teacher leaves 0.3
     outside them: 1 - sum q_k would be 0 (or negative) in fp32; the masked log-sum-exp is exact."""
@@ -451,3 +465,17 @@ def test_gpu_large_vocab(dtype, tail):
 
     s, lp, idx, y = make(64, 128256, 64, dtype=dtype, device="cuda", T=2.0)
     check(Backend("triton"), s, lp, idx, y, temperature=2.0, tail=tail)
+
+
+@pytest.mark.gpu
+def test_gpu_launch_choices(monkeypatch):
+    """benchmarks/tune_kd_loss.py's choices: programs per SM, warps, the reversed gradient sweep."""
+    from conftest import Backend
+
+    from pykd.kernels import topk_kd_loss as k
+
+    monkeypatch.setattr(k, "PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(k, "NUM_WARPS", 4)
+    monkeypatch.setattr(k, "REVERSE", True)
+    s, lp, idx, y = make(600, 32000, 64, dtype=torch.bfloat16, device="cuda", T=2.0)
+    check(Backend("triton"), s, lp, idx, y, temperature=2.0, tail=True)
