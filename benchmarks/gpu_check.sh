@@ -62,11 +62,12 @@ run_tests() {  # run_tests LABEL SHARE_PERCENT PYTEST_ARGS...
     --durations=10 "$@"
   tail -3 "$OUT/tests.log" | grep -E "passed|failed|error" | tail -1
 }
-# every Triton kernel variant at real tile sizes (the gpu-marked tests), then each op on the CUDA
-# backend against the reference, opcheck and compile, then Hugging Face equality
+# every Triton kernel variant at real tile sizes (the gpu-marked tests, the atomic-dq backward
+# included), then each op on the CUDA backend against the reference, opcheck and compile (not again
+# with atomic dq: each variant would compile anew), then Hugging Face equality
 run_tests "gpu-marked" 40 -m gpu tests/
 run_tests "reference, opcheck, compile on CUDA" 70 tests/ -m "not gpu" \
-  -k "triton and (matches_reference or opcheck or compile_fullgraph or compile_triton or test_nan or half or low_precision or poison)"
+  -k "triton and not atomic_dq and (matches_reference or opcheck or compile_fullgraph or compile_triton or test_nan or half or low_precision or poison)"
 run_tests "Hugging Face equality" 100 tests/test_transformers.py -k "sdpa or eager_maps or set_attention_spec"
 
 stage "benchmarks (budget ${T_BENCH}s)"

@@ -1,9 +1,11 @@
 """Sweep the block shapes of the attention_kd Triton kernels on a GPU (one kernel at a time, the
 others at their current defaults); prints a table and writes attention_kd_tune.csv. The winners go
-into kernels/attention_kd.py CONFIGS by hand. Every row times one whole forward+backward step, so
+into kernels/attention_kd.py CONFIGS by hand: the script ends by printing them as CONFIGS entries,
+one per head dim and N of the sweep. Every row times one whole forward+backward step, so
 the ``dkdv_atomic`` rows (DQ_MODE "atomic": no dq kernel) compare directly with the others.
 
     python benchmarks/tune_attention_kd.py --seq 8192 --head-dims 64 128
+    python benchmarks/tune_attention_kd.py --seq 512 2048 8192 16384 --head-dims 64   # N buckets
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ CANDIDATES = {
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--seq", type=int, nargs="+", default=[8192])
+    p.add_argument("--seq", type=int, nargs="+", default=[8192], help="one CONFIGS entry per N")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_attention_kd.py needs a CUDA device (the CPU kernels have no block shapes)")
     dev = torch.device("cuda")
     rows = []
+    best = {}  # (kernel, head dim bucket, N) -> (ms, config)
     for d in args.head_dims:
         key = 64 if d <= 64 else 128
         for n in args.seq:
@@ -62,10 +67,11 @@ def main(argv=None):
                 torch.autograd.backward([out, loss], [x[5], None])
 
             for kernel, cands in CANDIDATES.items():
-                default = K.CONFIGS[kernel][key]
+                table = K.CONFIGS[kernel][key]
+                default = K._config(kernel, d, n, dev)
                 K.DQ_MODE = "atomic" if kernel == "dkdv_atomic" else "split"  # each row: one whole step
                 for cfg in cands:
-                    K.CONFIGS[kernel][key] = cfg
+                    K.CONFIGS[kernel][key] = {n: cfg}
                     try:
                         step()
                         ms = triton.testing.do_bench(step, rep=100)
@@ -78,7 +84,9 @@ def main(argv=None):
                     print(
                         f"D={d} N={n} {kernel:>5} {cfg}: {ms:.3f} ms{' (default)' if cfg == default else ''}"
                     )
-                K.CONFIGS[kernel][key] = default
+                    if ms == ms and ms < best.get((kernel, key, n), (float("inf"),))[0]:
+                        best[(kernel, key, n)] = (ms, cfg)
+                K.CONFIGS[kernel][key] = table
     K.DQ_MODE = "split"
     out = os.path.join(args.out_dir, device_name(dev))
     os.makedirs(out, exist_ok=True)
@@ -86,6 +94,20 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=[*rows[0], "commit"])
         w.writeheader()
         w.writerows({**r, "commit": commit()} for r in rows)
+    print(winners(best))
+
+
+def winners(best: dict) -> str:
+    """The fastest configuration per kernel, head dim and N, as CONFIGS entries to paste."""
+    lines = ["CONFIGS entries from this sweep (kernels/attention_kd.py):"]
+    for kernel in CANDIDATES:
+        dims = sorted({key for (kn, key, _) in best if kn == kernel})
+        per_dim = []
+        for key in dims:
+            by_n = {n: cfg for (kn, kk, n), (_, cfg) in sorted(best.items()) if kn == kernel and kk == key}
+            per_dim.append(f"{key}: {{" + ", ".join(f"{n}: {cfg}" for n, cfg in by_n.items()) + "}")
+        lines.append(f'    "{kernel}": {{' + ", ".join(per_dim) + "},")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

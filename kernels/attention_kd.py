@@ -63,15 +63,17 @@ from .common import new_output, rint_even
 DIVERGENCES = ("none", "kl", "reverse_kl", "mse", "mse_scores", "topk_kl")
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (<= 64, <= 256); from
-# benchmarks/tune_attention_kd.py on an H100 (results/nvidia-h100-80gb-hbm3/attention_kd_tune.csv).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim (<= 64, <= 256) and sequence length N:
+# a launch takes the entry of the smallest listed N >= max(N_q, N_k), past them all the largest's.
+# From benchmarks/tune_attention_kd.py on an H100 at N = 8192 (results/nvidia-h100-80gb-hbm3/
+# attention_kd_tune.csv); a sweep over several N prints this table with an entry per N.
 CONFIGS = {
-    "fwd": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
-    "dq": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2)},
+    "fwd": {64: {8192: (64, 64, 4, 3)}, 128: {8192: (128, 64, 8, 3)}},
+    "dkdv": {64: {8192: (64, 64, 4, 2)}, 128: {8192: (32, 64, 4, 2)}},
+    "dq": {64: {8192: (64, 64, 4, 2)}, 128: {8192: (128, 64, 8, 2)}},
     # DQ_MODE "atomic": not timed yet; picked by compiling for sm_90 (tests/aot_compile.py): BLOCK_M
     # >= 64 so the dq dot is a wgmma too, 8 warps for the fewest spills.
-    "dkdv_atomic": {64: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
+    "dkdv_atomic": {64: {8192: (64, 64, 8, 2)}, 128: {8192: (64, 64, 8, 2)}},
     "interpret": (16, 16, 1, 1),
 }
 
@@ -93,11 +95,12 @@ def _atomic_dq() -> bool:
     return DQ_MODE == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
-def _config(kernel: str, d: int, device: torch.device):
+def _config(kernel: str, d: int, n: int, device: torch.device):
+    """The CONFIGS entry of a launch at head dim d and sequence length n."""
     if device.type != "cuda":
         return CONFIGS["interpret"]
-    table = CONFIGS[kernel]
-    return table[64] if d <= 64 else table[128]
+    by_n = CONFIGS[kernel][64 if d <= 64 else 128]
+    return by_n[min((b for b in by_n if b >= n), default=max(by_n))]
 
 
 @triton.jit
@@ -757,7 +760,7 @@ def _common(q, k, v, q_t, k_t, key_padding_mask, teacher_heads, divergence, bloc
 
 def _tiles(kernel, c, dev, block_size, has_bm):
     """The kernel's (BLOCK_M, BLOCK_N, warps, stages); with a block mask a tile fits in one block."""
-    BM, BN, warps, stages = _config(kernel, max(c["D_S"], c["D_T"]), dev)
+    BM, BN, warps, stages = _config(kernel, max(c["D_S"], c["D_T"]), max(c["N_Q"], c["N_K"]), dev)
     if has_bm:
         BM, BN = min(BM, block_size), min(BN, block_size)
     return BM, BN, warps, stages

@@ -191,6 +191,10 @@ def compile_attention(target, head_dims, fp8=True) -> int:
     off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False, T_MAP=False, ATOMIC_DQ=False)
     cases = [(D, name, off, "") for D in head_dims for name in kernels]
     cases += [(D, "dkdv", dict(off, ATOMIC_DQ=True), " atomic dq") for D in head_dims]
+    # every shipped configuration: each sequence-length entry of CONFIGS, the first one in the
+    # variants below
+    cases = [(D, name, dict(flags, CONFIG=cfg), label) for D, name, flags, label in cases
+             for cfg in shipped(name, flags, D)]  # fmt: skip
     sparse = dict(off, HAS_BM=True, HAS_THR=True)
     cases += [
         (64, "fwd", dict(sparse, QK_Q=1, PV_Q=2 if fp8 else 1), " block+topk int8 QK fp8 P"),
@@ -206,8 +210,10 @@ def compile_attention(target, head_dims, fp8=True) -> int:
     n = 0
     for D, name, flags, label in cases:
         kernel = kernels[name]
-        config = "dkdv_atomic" if flags.get("ATOMIC_DQ") else name
-        BM, BN, warps, stages = K.CONFIGS[config][64 if D <= 64 else 128]
+        flags = dict(flags)
+        BM, BN, warps, stages = flags.pop("CONFIG", None) or shipped(name, flags, D)[0]
+        if len(shipped(name, flags, D)) > 1:  # several sequence-length entries: name each
+            label += f" {warps}w{stages}s"
         if flags["HAS_BM"]:
             BM, BN = min(BM, 64), min(BN, 64)
         block_ds = max(32, D) if flags["QK_Q"] else D  # as the launcher pads it
@@ -224,6 +230,12 @@ def compile_attention(target, head_dims, fp8=True) -> int:
               num_warps=warps, num_stages=stages)  # fmt: skip
         n += 1
     return n
+
+
+def shipped(name, flags, D) -> list:
+    """The distinct CONFIGS entries of kernel name (of dkdv_atomic with ATOMIC_DQ) at head dim D."""
+    table = attention_kd.CONFIGS["dkdv_atomic" if flags.get("ATOMIC_DQ") else name][64 if D <= 64 else 128]
+    return sorted(set(table.values()))
 
 
 def _attention_signature(kernel, cst) -> dict:

@@ -655,6 +655,20 @@ def test_atomic_dq_mode(monkeypatch):
         run(backend, pykd.attention_kd, q, k, v, qt, kt, **kw)
 
 
+def test_block_shapes_by_sequence_length(monkeypatch):
+    """A launch takes the CONFIGS entry of the smallest listed N >= its length, past them all the
+    largest's; head dims up to 64 and above share a table each; off CUDA the interpreter's."""
+    from pykd.kernels import attention_kd as K
+
+    small, large, wide = (64, 32, 4, 2), (128, 64, 8, 3), (32, 64, 4, 2)
+    monkeypatch.setitem(K.CONFIGS, "fwd", {64: {1024: small, 8192: large}, 128: {8192: wide}})
+    cuda = torch.device("cuda")
+    got = [K._config("fwd", 64, n, cuda) for n in (1, 1024, 1025, 8192, 100_000)]
+    assert got == [small, small, large, large, large]
+    assert K._config("fwd", 65, 10, cuda) == K._config("fwd", 128, 10**6, cuda) == wide
+    assert K._config("fwd", 64, 10, torch.device("cpu")) == K.CONFIGS["interpret"]
+
+
 # ------------------------------------------------------------------ GPU
 
 
