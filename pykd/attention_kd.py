@@ -497,12 +497,17 @@ def relation_kd(
 # ---------------------------------------------------------------- op registration
 
 
+def _out_fake(q, v):
+    """The attention output of both forward ops: q's shape (B, H, N_q, D), or empty without V."""
+    return q.new_empty(q.shape) if v is not None else q.new_empty(0)
+
+
 def _fwd_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t, temperature, *extra):
-    B, H, N_q, D = q.shape
+    B, H, N_q = q.shape[:3]
     f32 = dict(dtype=torch.float32)
     div = divergence != "none"
     return (
-        q.new_empty((B, H, N_q, D)) if v is not None else q.new_empty(0),
+        _out_fake(q, v),
         q.new_empty((B, H, N_q) if div else (0,), **f32),
         q.new_empty((B, H, N_q), **f32),
         q.new_empty((B, H, N_q, 3) if div else (0,), **f32),
@@ -513,9 +518,7 @@ def _loss_fake(q, k, v, q_t, k_t, mask, th, divergence, causal, scale_s, scale_t
                block_mask=None, block_size=0, row_threshold=None, q_codes=None, k_codes=None,
                q_scale=None, k_scale=None, pv_format="none", teacher_map=False, reduction="mean",
                mask_queries=False):  # fmt: skip
-    B, H, N_q, D = q.shape
-    out = q.new_empty((B, H, N_q, D)) if v is not None else q.new_empty(0)
-    return out, q.new_empty((B, H, N_q) if reduction == "none" else (), dtype=torch.float32)
+    return _out_fake(q, v), q.new_empty(q.shape[:3] if reduction == "none" else (), dtype=torch.float32)
 
 
 def _bwd_fake(grad_out, grad_row, q, k, v, q_t, k_t, mask, th, out, lse, stats, divergence, causal,

@@ -211,8 +211,9 @@ def compile_attention(target, head_dims, fp8=True) -> int:
     for D, name, flags, label in cases:
         kernel = kernels[name]
         flags = dict(flags)
-        BM, BN, warps, stages = flags.pop("CONFIG", None) or shipped(name, flags, D)[0]
-        if len(shipped(name, flags, D)) > 1:  # several sequence-length entries: name each
+        configs = shipped(name, flags, D)
+        BM, BN, warps, stages = flags.pop("CONFIG", None) or configs[0]
+        if len(configs) > 1:  # several sequence-length entries: name each
             label += f" {warps}w{stages}s"
         if flags["HAS_BM"]:
             BM, BN = min(BM, 64), min(BN, 64)
