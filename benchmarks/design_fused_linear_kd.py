@@ -15,10 +15,16 @@ Forward only (the loss, no gradient), bf16, KL at T = 1, on the GPU:
 The forward is where the fused design's advantage lies (no logits written or re-read). Its backward
 must recompute both logit tiles once the row's lse is known (two more GEMMs) before the two gradient
 GEMMs, six in all against the chunked design's four, so unless ``vocab_tile`` beats ``chunked`` in
-the forward by more than two GEMMs' time, chunked wins fwd+bwd. Also sweeps pykd's chunk size
-(fwd+bwd, ``chunk_<rows>``). Not part of the library: the kernel here is a measurement prototype.
+the forward by more than two GEMMs' time, chunked wins fwd+bwd. Not part of the library: the
+kernel here is a measurement prototype.
 
-    python benchmarks/design_fused_linear_kd.py            # GPU only
+Also sweeps pykd's two sizes (fwd+bwd time and peak memory, ``chunk<rows>_group<rows>``): the chunk
+(rows of fp32 logits per row-kernel launch, ``chunk_size``) and the gradient group (rows of logit
+gradient per weight-gradient GEMM, ``GRAD_GROUP_ELEMS``; ``--groups 0`` is one chunk per group, the
+design before the groups: one read-modify-write of the fp32 (V, H) accumulator per chunk).
+
+    python benchmarks/design_fused_linear_kd.py                          # GPU only
+    python benchmarks/design_fused_linear_kd.py --rows 8192 --sizes-only # the size sweep alone
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import triton
 import triton.language as tl
 
 import pykd
-from pykd.benchmarks.common import Recorder, device_name, time_ms
+from pykd import fused_linear_kd as flk
+from pykd.benchmarks.common import Recorder, device_name, peak_extra_mb, time_ms
 
 
 @triton.jit
@@ -131,6 +138,12 @@ def run(args) -> Recorder:
 
 
 def measure(rec, args, bt, hs, ws, ht, wt, y):
+    if not args.sizes_only:
+        compare_designs(rec, args, bt, hs, ws, ht, wt)
+    sweep_sizes(rec, args, bt, hs, ws, ht, wt, y)
+
+
+def compare_designs(rec, args, bt, hs, ws, ht, wt):
     dev = hs.device
 
     def chunked():
@@ -151,6 +164,10 @@ def measure(rec, args, bt, hs, ws, ht, wt, y):
         torch.mm(ht, wt.t())
 
     rec.add("gemm_floor_2", "fwd", "time", "ms", bt, time_ms(two, dev, reps=args.reps))
+
+
+def sweep_sizes(rec, args, bt, hs, ws, ht, wt, y):
+    dev = hs.device
     state = {}
 
     def fresh():
@@ -161,11 +178,23 @@ def measure(rec, args, bt, hs, ws, ht, wt, y):
         kw = dict(chunk_size=state["chunk"], alpha=0.5)
         pykd.fused_linear_kd_loss(state["h"], state["w"], ht, wt, y, **kw).backward()
 
-    for chunk in args.chunks:
-        state["chunk"] = chunk
-        fresh()
-        full()
-        rec.add(f"chunk_{chunk}", "full", "time", "ms", bt, time_ms(full, dev, reps=args.reps, setup=fresh))
+    default = flk.GRAD_GROUP_ELEMS
+    try:
+        for chunk in args.chunks:
+            for elems in args.groups:
+                flk.GRAD_GROUP_ELEMS = elems
+                group = flk.group_rows(dev, ws.shape[0], bt, chunk)
+                name = f"chunk{chunk}_group{group}"
+                if name in state:
+                    continue  # another budget gave the same group
+                state["chunk"], state[name] = chunk, True
+                fresh()
+                full()
+                rec.add(name, "full", "time", "ms", bt, time_ms(full, dev, reps=args.reps, setup=fresh))
+                fresh()
+                rec.add(name, "full", "memory", "MB", bt, peak_extra_mb(full, dev))
+    finally:
+        flk.GRAD_GROUP_ELEMS = default
 
 
 def main(argv=None):
@@ -175,6 +204,9 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--splits", type=int, default=8)
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--groups", type=int, nargs="+", default=[0, 1 << 28, 1 << 29, 1 << 30],
+                   help="GRAD_GROUP_ELEMS values (0: one chunk per group)")  # fmt: skip
+    p.add_argument("--sizes-only", action="store_true", help="only the chunk and group sweep")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args(argv)

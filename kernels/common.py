@@ -69,6 +69,18 @@ def new_output(shape, *, device, dtype) -> torch.Tensor:
     return t
 
 
+def grad_output(shape, *, device, dtype, out=None) -> torch.Tensor:
+    """A row kernel's (R, V) gradient: fresh, or ``out`` (a caller's contiguous buffer of that shape
+    and dtype: fused_linear_kd_loss's gradient group), poisoned like new_output."""
+    if out is None:
+        return new_output(shape, device=device, dtype=dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"grad_out must be a contiguous {tuple(shape)} {dtype} tensor")
+    if os.environ.get("PYKD_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
 @triton.jit
 def zero_row(
     soft_ptr, hard_ptr, g_ptr, row64, stride_g, V, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr

@@ -15,6 +15,7 @@ from .common import (
     DIVERGENCES,
     block_start,
     finish_rows,
+    grad_output,
     logit_map,
     logit_map_args,
     logit_map_grad,
@@ -416,10 +417,12 @@ def kd_loss_fwd(
     reduction: str,
     compute_grad: bool,
     grad_dtype: torch.dtype | None = None,
+    grad_out: torch.Tensor | None = None,
 ):
     """Launch on (R, V) logits. Returns (loss, soft, hard, grad) like the C++ op ``pykd::kd_loss_fwd``.
     grad_dtype (default: the logits') is the dtype the gradient is rounded to once, as it is stored
-    (fused_linear_kd_loss keeps fp32 logits but wants the gradient in its GEMMs' dtype)."""
+    (fused_linear_kd_loss keeps fp32 logits but wants the gradient in its GEMMs' dtype); grad_out, a
+    contiguous (R, V) buffer of that dtype the gradient is stored into instead of a fresh tensor."""
 
     R, V = student.shape
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -427,7 +430,9 @@ def kd_loss_fwd(
     dev = student.device
     soft = new_output(R, device=dev, dtype=torch.float32)
     hard = new_output(R, device=dev, dtype=torch.float32)
-    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype)
+    grad = grad_output(
+        (R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype, out=grad_out
+    )
     n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
     alpha_w = soft_weight(divergence, temperature, alpha, scale_by_t2)
     _launch(student, teacher, target, scale, grad, soft, hard, soft, soft, divergence=divergence,

@@ -12,6 +12,7 @@ import triton.language as tl
 from .common import (
     block_start,
     finish_rows,
+    grad_output,
     logit_map,
     logit_map_args,
     logit_map_grad,
@@ -414,15 +415,18 @@ def topk_kd_loss_fwd(
     reduction: str,
     compute_grad: bool,
     grad_dtype: torch.dtype | None = None,
+    grad_out: torch.Tensor | None = None,
 ):
     """Launch on (R, V) logits and (R, K) sorted distinct indices. Returns (loss, soft, hard, grad)
-    like the C++ op ``pykd::topk_kd_loss_fwd``; grad_dtype as in ``kd_loss_fwd``."""
+    like the C++ op ``pykd::topk_kd_loss_fwd``; grad_dtype and grad_out as in ``kd_loss_fwd``."""
     R, V = student.shape
     student = student if student.stride(-1) == 1 else student.contiguous()
     dev = student.device
     soft = new_output(R, device=dev, dtype=torch.float32)
     hard = new_output(R, device=dev, dtype=torch.float32)
-    grad = new_output((R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype)
+    grad = grad_output(
+        (R, V) if compute_grad else (0,), device=dev, dtype=grad_dtype or student.dtype, out=grad_out
+    )
     n, scale = row_loss_scale(target, R, ignore_index, num_items, reduction, student.dtype, dev)
     alpha_w = soft_weight("kl", temperature, alpha, scale_by_t2)
     _launch(student, topk_logprobs.contiguous(), topk_indices.contiguous(), target, scale, grad, soft, hard,

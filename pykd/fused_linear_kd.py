@@ -26,6 +26,9 @@ from .topk_kd_loss import check_topk
 # Default chunk: rows whose fp32 logits fill about this many elements (CUDA: large GEMMs; CPU: small
 # enough that the few chunk buffers stay far below the materialized logits).
 _CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 24}
+# The Triton path's gradient group (see _run_chunks): about this many logit-gradient entries (1 GiB
+# of bf16) per weight-gradient GEMM, so that GEMM's inner dimension is several chunks' rows.
+GRAD_GROUP_ELEMS = 1 << 29
 
 
 def fused_linear_kd_loss(
@@ -404,10 +407,11 @@ def _logits_f32(h, w, b, w32):
     return out.add_(b) if b is not None else out
 
 
-def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype):
+def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype, grad_out=None):
     """The row kernel on one chunk's fp32 logits: (loss, soft, hard, d loss / d logits). Triton
-    stores the gradient in grad_dtype directly (rounded once, no separate cast pass); the C++
-    kernel keeps it fp32 (its CPU caller runs fp32 GEMMs)."""
+    stores the gradient in grad_dtype directly (rounded once, no separate cast pass), into grad_out
+    when given (a slice of the gradient group); the C++ kernel keeps it fp32 (its CPU caller runs
+    fp32 GEMMs), in a tensor of its own."""
     tgt = None if a["target"] is None else a["target"][c0:c1]
     if a["shard"] is not None and a["lp"] is not None:  # a vocabulary slice: phases and all-reduces
         return vocab_parallel.topk_loss_rows(
@@ -423,8 +427,8 @@ def _row_loss(logits, c0, c1, a, compute_grad, reduction, num_items, grad_dtype)
             grad_dtype=grad_dtype,
         )  # fmt: skip
     extra = {}
-    if grad_dtype != logits.dtype and _backend.runs_triton(logits.device):
-        extra = dict(grad_dtype=grad_dtype)
+    if _backend.runs_triton(logits.device) and (grad_out is not None or grad_dtype != logits.dtype):
+        extra = dict(grad_dtype=grad_dtype, grad_out=grad_out)
     if a["lp"] is not None:
         op = _backend.triton_launcher("topk_kd_loss_fwd") if extra else torch.ops.pykd.topk_kd_loss_fwd
         return op(
@@ -470,9 +474,22 @@ def _drive(a, *, need, row_scale=None):
         return _run_chunks(a, need=need, row_scale=row_scale)
 
 
+def group_rows(device, V: int, R: int, chunk: int) -> int:
+    """Rows of logit gradient per weight-gradient GEMM: one chunk on the C++ path, else as many whole
+    chunks as fill about GRAD_GROUP_ELEMS entries (at most all R rows)."""
+    if not _backend.runs_triton(device) or V == 0:
+        return chunk
+    whole = max(1, GRAD_GROUP_ELEMS // (V * chunk))
+    return chunk * min(whole, max(1, -(-R // chunk)))
+
+
 def _run_chunks(a, *, need, row_scale=None):
     """Runs every chunk. need = (grad_h, grad_w, grad_b) wanted; row_scale (R,) multiplies each row's
-    logit gradient (the recompute of reduction="none"). Returns (loss, soft, hard, gh, gw, gb)."""
+    logit gradient (the recompute of reduction="none"). Returns (loss, soft, hard, gh, gw, gb).
+
+    The logit gradient of consecutive chunks gathers in a group buffer (in the GEMMs' dtype) and one
+    GEMM adds the group's weight gradient to the fp32 accumulator: one read-modify-write of the
+    (V, H) accumulator per group instead of per chunk."""
     hs, ws, bs = a["h_s"], a["w_s"], a["b_s"]
     R, V, H = hs.shape[0], ws.shape[0], ws.shape[1]
     dtype, dev = hs.dtype, hs.device
@@ -484,17 +501,25 @@ def _run_chunks(a, *, need, row_scale=None):
     chunk_red = "none" if reduction == "none" else ("mean" if fold else "sum")
     chunk_n = n if fold else None
     f32 = torch.float32
+    chunk = a["chunk_size"]
+    w_gemm = ws if a["w_s32"] is None else a["w_s32"]  # CPU 16-bit: fp32 GEMMs on the fp32 copy
+    gemm_dtype = w_gemm.dtype
+    # the row kernel's gradient dtype: the GEMMs'; fp32 when rows are rescaled after (the recompute)
+    g_dtype = gemm_dtype if row_scale is None else f32
     gh = torch.empty((R, H) if need[0] else (0,), device=dev, dtype=dtype)
     gw32 = torch.zeros((V, H) if need[1] else (0,), device=dev, dtype=f32)
     gb32 = torch.zeros((V,) if need[2] else (0,), device=dev, dtype=f32)
+    group = group_rows(dev, V, R, chunk) if need[1] else chunk
+    buf = torch.empty((min(group, R), V), device=dev, dtype=gemm_dtype) if group > chunk else None
+    g0 = 0  # the group's first row
     losses, softs, hards = [], [], []
-    for c0 in range(0, max(R, 1), a["chunk_size"]):  # 0 rows: one empty chunk gives the empty result
-        c1 = min(R, c0 + a["chunk_size"])
+    for c0 in range(0, max(R, 1), chunk):  # 0 rows: one empty chunk gives the empty result
+        c1 = min(R, c0 + chunk)
         hc = hs[c0:c1]
         logits = _logits_f32(hc, ws, bs, a["w_s32"])
-        # the GEMMs' dtype straight from the kernel; fp32 when rows are rescaled after (the recompute)
-        g_dtype = dtype if (row_scale is None and a["w_s32"] is None) else f32
-        loss, soft, hard, g = _row_loss(logits, c0, c1, a, compute_grad, chunk_red, chunk_n, g_dtype)
+        slot = None if buf is None else buf[c0 - g0 : c1 - g0]
+        out = slot if g_dtype == gemm_dtype else None
+        loss, soft, hard, g = _row_loss(logits, c0, c1, a, compute_grad, chunk_red, chunk_n, g_dtype, out)
         del logits
         losses.append(loss)
         softs.append(soft)
@@ -505,21 +530,20 @@ def _run_chunks(a, *, need, row_scale=None):
             g.mul_(row_scale[c0:c1, None])
         if need[2]:
             gb32 += g.sum(0, dtype=f32)
-        if a["w_s32"] is not None:  # CPU 16-bit: fp32 GEMMs on the fp32 weight copy
-            if need[0]:
-                gh[c0:c1] = torch.mm(g, a["w_s32"]).to(dtype)
-            if need[1]:
-                gw32.addmm_(g.t(), hc.float())
-            continue
-        gl = g if g.dtype == dtype else g.to(dtype)  # already dtype when Triton stored it so
+        if slot is None:
+            gl = g if g.dtype == gemm_dtype else g.to(gemm_dtype)
+        else:
+            gl = slot if g.data_ptr() == slot.data_ptr() else slot.copy_(g)
         del g
         if need[0]:
-            torch.mm(gl, ws, out=gh[c0:c1])
-        if need[1]:
-            if dtype == f32:
-                gw32.addmm_(gl.t(), hc)
+            if gemm_dtype == dtype:
+                torch.mm(gl, w_gemm, out=gh[c0:c1])
             else:
-                torch.addmm(gw32, gl.t(), hc, out_dtype=f32, out=gw32)
+                gh[c0:c1] = torch.mm(gl, w_gemm)
+        if need[1] and (c1 - g0 == group or c1 == R):
+            gk = gl if buf is None else buf[: c1 - g0]
+            _add_weight_grad(gw32, gk, hs[g0:c1])
+            g0 = c1
     if reduction == "none":
         loss, soft, hard = torch.cat(losses), torch.cat(softs), torch.cat(hards)
     else:
@@ -534,6 +558,14 @@ def _run_chunks(a, *, need, row_scale=None):
     gw = gw32 if dtype == f32 else gw32.to(dtype)
     gb = gb32 if dtype == f32 else gb32.to(dtype)
     return loss, soft, hard, gh, gw, gb
+
+
+def _add_weight_grad(gw32, g, h):
+    """gw32 += g.T @ h: the fp32 accumulator as the GEMM's C (beta = 1); 16-bit g/h accumulate in fp32."""
+    if g.dtype == torch.float32:
+        gw32.addmm_(g.t(), h.float())
+    else:
+        torch.addmm(gw32, g.t(), h, out_dtype=torch.float32, out=gw32)
 
 
 def _cpu_f32_copy(w):

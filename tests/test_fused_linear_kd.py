@@ -290,6 +290,26 @@ def test_low_precision_gradient_bound(backend, dtype, reduction):
     check(backend, x, topk=topk_of(x, 5), reduction=reduction, chunk_size=8)
 
 
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_groups(backend, monkeypatch, dtype, reduction):
+    """Triton gathers two chunks' logit gradients per weight-gradient GEMM (a partial last group and
+    chunk included); the C++ path runs one per chunk. Both match the reference."""
+    from pykd import fused_linear_kd as flk
+
+    R, V, chunk = 13, 29, 3
+    monkeypatch.setattr(flk, "GRAD_GROUP_ELEMS", 2 * V * chunk + V)  # two whole chunks
+    calls = []
+    add = flk._add_weight_grad
+    monkeypatch.setattr(flk, "_add_weight_grad", lambda gw, g, h: (calls.append(g.shape[0]), add(gw, g, h)))
+    x = make(R, 16, V, dtype=dtype, device=backend.device)
+    for topk in (None, topk_of(x, 4)):
+        calls.clear()
+        check(backend, x, topk=topk, temperature=2.0, reduction=reduction, chunk_size=chunk)
+        expect = [6, 6, 1] if backend.name == "triton" else [3, 3, 3, 3, 1]
+        assert calls == expect
+
+
 def test_fp16_loss_scaler(backend):
     """A GradScaler-sized grad_output reaches fp16 grad_h before the mean's 1/n could underflow it."""
     x = make(64, 16, 24, dtype=torch.float16, device=backend.device, scale=0.5)
