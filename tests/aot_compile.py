@@ -23,13 +23,33 @@ from pykd.kernels import attention_kd, common, kd_loss, sparse_quant, topk_kd_lo
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 STATS: list[dict] = []  # one row per compiled kernel, when --csv is given
 FIELDS = ["kernel", "arch", "num_warps", "registers", "stack_bytes", "local_loads", "local_stores",
-          "shared_bytes", "wgmma", "mma_sync", "triton"]  # fmt: skip
+          "shared_bytes", "wgmma", "mma_sync", "async_loads", "triton"]  # fmt: skip
+
+
+def source(fn, signature: dict, constexprs: dict, ints: dict) -> ASTSource:
+    """fn as a launch with these int arguments (name: value at a typical size) specializes it
+    (triton/runtime/jit.py): each pointer 16-byte aligned (torch's allocations are), an int equal to 1
+    a constexpr, one divisible by 16 marked so. Only with these hints does the compiler vectorize and
+    pipeline the loads: without them it compiles another kernel (scalar loads, none pipelined, other
+    registers and spills) than the one that runs."""
+    cst, sig = dict(constexprs), dict(signature, **dict.fromkeys(constexprs, "constexpr"))
+    for name, value in ints.items():
+        assert name in fn.arg_names and sig[name].startswith("i"), name
+        if value == 1:
+            cst[name], sig[name] = 1, "constexpr"
+    attrs = {}
+    for i, a in enumerate(fn.arg_names):
+        if sig[a] != "constexpr" and (sig[a].startswith("*") or ints.get(a, 1) % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs=cst, attrs=attrs)
 
 
 def build(src, target, label: str, **options) -> None:
     """Compiles one kernel to a cubin and prints its label; with --csv, records what the compiler
-    made of it: registers, stack frame and local-memory traffic (spills), shared memory, and whether
-    its dots became Hopper's wgmma (HGMMA / QGMMA in SASS) or mma.sync (HMMA / IMMA)."""
+    made of it: registers, stack frame and local-memory traffic (spills), shared memory, whether
+    its dots became Hopper's wgmma (HGMMA / QGMMA in SASS) or mma.sync (HMMA / IMMA), and its
+    asynchronous global-to-shared copies (LDGSTS, TMA's UTMALDG: loads the software pipeline
+    prefetches)."""
     out = triton.compile(src, target=target, options=options)
     assert out.asm.get("cubin"), f"no cubin for {label}"
     print(label, flush=True)
@@ -55,7 +75,7 @@ def sass_stats(cubin: bytes) -> dict:
 
     return dict(registers=int(usage["REG"]), stack_bytes=int(usage["STACK"]) + int(usage["LOCAL"]),
                 local_loads=count("LDL"), local_stores=count("STL"), wgmma=count("HGMMA", "QGMMA", "IGMMA"),
-                mma_sync=count("HMMA", "IMMA"))  # fmt: skip
+                mma_sync=count("HMMA", "IMMA"), async_loads=count("LDGSTS", "UTMALDG"))  # fmt: skip
 
 
 def compile_all(arch: int) -> int:
@@ -79,11 +99,7 @@ def compile_all(arch: int) -> int:
                     cst = dict(DIV=div, HAS_TARGET=has_target, SAME_T=same_t, COMPUTE_GRAD=grad,
                                S_CAP=has_target, T_CAP=has_target, PHASE=0, BLOCK_V=block_v,
                                REVERSE=kd_loss.REVERSE)  # fmt: skip
-                    src = ASTSource(
-                        fn=kd_loss._kd_loss_kernel,
-                        signature=dict(sig, **{k: "constexpr" for k in cst}),
-                        constexprs=cst,
-                    )
+                    src = source(kd_loss._kd_loss_kernel, sig, cst, _row_ints(kd_loss._kd_loss_kernel, V))
                     build(src, target, f"kd_loss {dtype} V={V} {common.DIVERGENCES[div]} target={has_target}",
                           num_warps=num_warps)  # fmt: skip
                     n += 1
@@ -93,8 +109,12 @@ def compile_all(arch: int) -> int:
                 cst = dict(DIV=common.DIVERGENCES.index(div), HAS_TARGET=True, SAME_T=False,
                            COMPUTE_GRAD=phase == 3, S_CAP=False, T_CAP=False, PHASE=phase,
                            BLOCK_V=block_v, REVERSE=kd_loss.REVERSE)  # fmt: skip
-                signature = dict(sig, **dict.fromkeys(cst, "constexpr"))
-                src = ASTSource(fn=kd_loss._kd_loss_kernel, signature=signature, constexprs=cst)
+                src = source(
+                    kd_loss._kd_loss_kernel,
+                    sig,
+                    cst,
+                    _row_ints(kd_loss._kd_loss_kernel, 32064, V_total=128256, vocab_start=32064),
+                )
                 build(src, target, f"kd_loss {dtype} V=32064 {div} phase={phase}", num_warps=num_warps)
                 n += 1
             # the reversed sweeps (REVERSE, benchmarks/tune_kd_loss.py), two sweeps and three
@@ -103,19 +123,14 @@ def compile_all(arch: int) -> int:
                 cst = dict(DIV=common.DIVERGENCES.index(div), HAS_TARGET=True, SAME_T=False,
                            COMPUTE_GRAD=True, S_CAP=False, T_CAP=False, PHASE=0, BLOCK_V=block_v,
                            REVERSE=not kd_loss.REVERSE)  # fmt: skip
-                signature = dict(sig, **dict.fromkeys(cst, "constexpr"))
-                src = ASTSource(fn=kd_loss._kd_loss_kernel, signature=signature, constexprs=cst)
+                src = source(kd_loss._kd_loss_kernel, sig, cst, _row_ints(kd_loss._kd_loss_kernel, 128256))
                 build(src, target, f"kd_loss {dtype} V=128256 {div} reverse={not kd_loss.REVERSE}",
                       num_warps=num_warps)  # fmt: skip
                 n += 1
         for per_row in (True, False):
             cst = {"PER_ROW": per_row, "BLOCK": 4096}
             sig = {"x_ptr": p, "scale_ptr": "*fp32", "C": "i32", "n_elem": "i64"}
-            src = ASTSource(
-                fn=common._scale_rows_kernel,
-                signature=dict(sig, **{k: "constexpr" for k in cst}),
-                constexprs=cst,
-            )
+            src = source(common._scale_rows_kernel, sig, cst, dict(C=4096, n_elem=16384 * 4096))
             build(src, target, f"scale_rows {dtype} per_row={per_row}")
             n += 1
     n += compile_topk(target)
@@ -134,8 +149,9 @@ def compile_quantize(target, fp8=True) -> int:
                "scale_ptr": "*fp32", "deq_ptr": "*fp32", "stride_xb": "i32", "stride_xh": "i32",
                "stride_xn": "i32", "stride_xd": "i32", "H": "i32", "N": "i32", "NB": "i32",
                "levels": "fp32"}  # fmt: skip
-        src = ASTSource(fn=sparse_quant._quantize_tokens_kernel, signature=dict(sig, **dict.fromkeys(cst,
-                        "constexpr")), constexprs=cst)  # fmt: skip
+        ints = dict(stride_xb=16 * 8192 * 128, stride_xh=8192 * 128, stride_xn=128, stride_xd=1, H=16, N=8192,
+                    NB=128)  # fmt: skip
+        src = source(sparse_quant._quantize_tokens_kernel, sig, cst, ints)
         build(src, target, f"quantize_tokens bfloat16 D=128 {'fp8_e4m3' if is_fp8 else 'int8'}", num_warps=8)
         n += 1
     return n
@@ -162,17 +178,34 @@ def compile_topk(target) -> int:
             cst = dict(TAIL=tail, HAS_TARGET=has_target, SAME_T=not has_target, COMPUTE_GRAD=grad,
                        BLOCK_V=K.MAX_BLOCK_V, BLOCK_K=64, KW=K.KW, S_CAP=has_target and phase == 0,
                        PHASE=phase, REVERSE=K.REVERSE)  # fmt: skip
-            src = ASTSource(
-                fn=K._topk_kd_loss_kernel,
-                signature=dict(sig, **{k: "constexpr" for k in cst}),
-                constexprs=cst,
-            )
+            src = source(K._topk_kd_loss_kernel, sig, cst, _row_ints(K._topk_kd_loss_kernel, 128256, K=64))
             label = f"topk_kd_loss {dtype} tail={tail} target={has_target}" + (
                 f" phase={phase}" if phase else ""
             )
             build(src, target, label, num_warps=8)
             n += 1
     return n
+
+
+def _row_ints(fn, V: int, **over) -> dict:
+    """The int arguments of a row kernel's launch on 16384 contiguous rows of V logits."""
+    ints = dict(R=16384, V=V, V_total=V, vocab_start=0, stride_s=V, stride_t=V, stride_g=V)
+    ints.update(over)
+    return {k: v for k, v in ints.items() if k in fn.arg_names}
+
+
+def _attention_ints(fn, D: int, flags: dict) -> dict:
+    """The int arguments of an attention launch at H 16, N 8192, head dim D, contiguous (B, H, N, D)
+    tensors, no GQA; 64-token blocks (block lists, quantization scales) where the flags use them
+    (the launcher passes 1 where they are absent). Every stride is then a multiple of 16 (D, N, 64
+    captured keys, or 0 for an absent tensor's)."""
+    N, H, nb = 8192, 16, 8192 // 64
+    ints = {a: 16 * D for a in fn.arg_names if a.startswith("stride_")}
+    ints.update(H=H, H_KV=H, G_S=1, G_T=1, N_Q=N, N_K=N, K_CAP=64 if flags.get("DIV") == 5 else 0)
+    sparse, quant = flags["HAS_BM"], flags["QK_Q"] != 0
+    ints.update(BS=64 if sparse or quant else 1, NB=nb if sparse else 1, NBK=nb if sparse else 1,
+                NBQS=nb if quant else 1, NBKS=nb if quant else 1)  # fmt: skip
+    return {k: v for k, v in ints.items() if k in fn.arg_names}
 
 
 def compile_attention(target, head_dims, fp8=True) -> int:
@@ -226,7 +259,10 @@ def compile_attention(target, head_dims, fp8=True) -> int:
             cst["DIV"] = 0
         extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True, **flags}
         cst.update({k: v for k, v in extra.items() if k in kernel.arg_names})
-        src = ASTSource(fn=kernel, signature=_attention_signature(kernel, cst), constexprs=cst)
+        sig = _attention_signature(kernel, cst)
+        src = source(
+            kernel, {k: v for k, v in sig.items() if k not in cst}, cst, _attention_ints(kernel, D, flags)
+        )
         build(src, target, f"attention_kd {name} bfloat16 D={D} kl{label} {BM}x{BN}",
               num_warps=warps, num_stages=stages)  # fmt: skip
         n += 1
