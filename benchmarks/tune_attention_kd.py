@@ -29,6 +29,7 @@ CANDIDATES = {
         (128, 32, 4, 3),
         (64, 32, 4, 2),
         (128, 128, 8, 2),
+        (64, 64, 8, 3),  # spill-free at D = 128 (sm_90 compile, typical launch)
     ],
     "dkdv": [
         (64, 64, 4, 2),
@@ -37,6 +38,7 @@ CANDIDATES = {
         (32, 128, 4, 2),
         (64, 128, 8, 2),
         (64, 64, 8, 1),
+        (32, 64, 8, 2),  # spill-free at D = 128
     ],
     "dq": [(64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
     # the dk/dv kernel that also adds dq with atomics (DQ_MODE "atomic": no dq kernel runs)

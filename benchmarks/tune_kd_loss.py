@@ -30,7 +30,7 @@ T, ALPHA, TOPK = 2.0, 0.5, 64
 # (MAX_BLOCK_V, NUM_WARPS): about 4 to 32 elements per thread and tensor
 BLOCKS = {
     "kd_loss": [(2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32)],
-    "topk_kd_loss": [(1024, 4), (2048, 4), (2048, 8)],
+    "topk_kd_loss": [(1024, 4), (2048, 8), (4096, 8), (4096, 16)],
 }
 PER_SM = (0, 1, 2, 4)
 

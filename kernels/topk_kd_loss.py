@@ -25,7 +25,7 @@ from .common import (
 )
 
 MAX_PROGRAMS = 65535
-MAX_BLOCK_V = 2048  # the tail's membership test holds a (BLOCK_V, KW) compare in registers
+MAX_BLOCK_V = 2048  # the vocabulary block of each sweep
 KW = 16  # sorted top-K indices tested against one vocabulary block at a time
 # Launch choices swept by benchmarks/tune_kd_loss.py on a GPU, as in kd_loss.py: NUM_WARPS 0 (by
 # block size), PROGRAMS_PER_SM 0 (one program per row), REVERSE (the gradient sweep walks the row
@@ -233,17 +233,20 @@ def _topk_stats(
         sr = logit_map(sr, mask, s_scale, s_cap, S_CAP)
         z = sr * inv_t
         if TAIL:
-            hit = tl.zeros([BLOCK_V], dtype=tl.int32)
+            hit = tl.zeros([BLOCK_V], dtype=tl.int1)
             n_in = tl.full([], KW, tl.int32)
             while n_in == KW:
-                wo = kp + tl.arange(0, KW)
-                iw = tl.load(idx_row + wo, mask=wo < K, other=V_total + BLOCK_V)
-                if PHASE != 0:
-                    iw = iw - vocab_start
-                hit += tl.sum((offs[:, None] == iw[None, :]).to(tl.int32), axis=1)
-                n_in = tl.sum((iw < v0 + BLOCK_V).to(tl.int32))
+                # one index at a time: a (BLOCK_V, KW) compare and its row sums cost registers
+                # (Triton 3.6 spilled 2.5 KB per thread)
+                n_in = tl.zeros([], dtype=tl.int32)
+                for j in tl.static_range(KW):
+                    iw = tl.load(idx_row + kp + j, mask=kp + j < K, other=V_total + BLOCK_V)
+                    if PHASE != 0:
+                        iw = iw - vocab_start
+                    hit = hit | (offs == iw)
+                    n_in += (iw < v0 + BLOCK_V).to(tl.int32)
                 kp += n_in
-            z = tl.where(hit > 0, NEG_INF, z)
+            z = tl.where(hit, NEG_INF, z)
         m_new = tl.maximum(m, tl.max(z))
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe))
