@@ -7,7 +7,8 @@ P·V, log_softmax of both, kl_div, what MiniLM-style code does with output_atten
 (SDPA plus a separate KL pass over query chunks, each chunk checkpointed so its maps are freed);
 ``pykd_topk`` (pykd against a stored top-32 capture of the teacher, taken once before timing: KL with
 a tail bucket, no teacher q_t, k_t); ``pykd_atomic_dq`` (CUDA only: pykd with the backward's dq added
-by the dk/dv kernel with fp32 atomics, kernels/attention_kd.py DQ_MODE "atomic").
+by the dk/dv kernel with fp32 atomics, kernels/attention_kd.py DQ_MODE "atomic"); ``pykd_tma`` (CUDA
+only: pykd with tensor-descriptor tile loads, LOADS "tma").
 Backward is of ``sum(out * dO) + loss``. Times are medians (p20, p80) in ms; memory is the peak
 above what was allocated before the call (MB), for forward+backward. A provider that runs out of
 memory is reported and skipped for larger N.
@@ -104,20 +105,24 @@ def fused_topk(q, k, v, qt, kt):
 PROVIDERS = {
     "pykd": fused,
     "pykd_atomic_dq": fused,
+    "pykd_tma": fused,
     "pykd_topk": fused_topk,
     "eager": eager,
     "sdpa": sdpa,
     "sdpa_chunked": sdpa_chunked,
 }
 PREPARE = {"pykd_topk": _capture_of}  # run before a provider is timed or its memory measured
-DQ_MODES = {"pykd_atomic_dq": "atomic"}  # provider -> the Triton backward's DQ_MODE (else "split")
+# provider -> the Triton kernels' modes it runs (kernels/attention_kd.py DQ_MODE, LOADS); the others
+# run the defaults. CUDA only: the C++ kernels have no modes.
+TRITON_MODES = {"pykd_atomic_dq": {"DQ_MODE": "atomic"}, "pykd_tma": {"LOADS": "tma"}}
 
 
-def _set_dq_mode(name: str) -> None:
-    """The Triton backward's dq mode for provider name; CUDA only (the C++ kernels have one)."""
+def _set_modes(name: str) -> None:
     from pykd.kernels import attention_kd
 
-    attention_kd.DQ_MODE = DQ_MODES.get(name, "split")
+    modes = TRITON_MODES.get(name, {})
+    attention_kd.DQ_MODE = modes.get("DQ_MODE", "split")
+    attention_kd.LOADS = modes.get("LOADS", "pointer")
 
 
 RELATION_HEADS, X_S, X_T = 12, 384, 768  # MiniLMv2: a MiniLM-L12-H384 student, a BERT-base teacher
@@ -189,7 +194,7 @@ def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int)
     """fwd, bwd and full times and full peak memory of one provider at one size."""
     q0, k0, v0, qt, kt = inputs
     if device.type == "cuda":
-        _set_dq_mode(name)
+        _set_modes(name)
     if name in PREPARE:
         PREPARE[name](qt, kt)
     state = {}
@@ -305,8 +310,8 @@ def main(argv=None):
     args.head_dims = args.head_dims or ([64, 128] if gpu else [64])
     args.seq = args.seq or ([512, 1024, 2048, 4096, 8192, 16384] if gpu else [1024, 2048, 4096])
     args.reps = args.reps or (10 if gpu else 3)
-    if not gpu and "pykd_atomic_dq" in args.providers:  # a Triton backward: CPU runs the C++ kernels
-        args.providers.remove("pykd_atomic_dq")
+    if not gpu:  # Triton modes: CPU runs the C++ kernels
+        args.providers = [x for x in args.providers if x not in TRITON_MODES]
     if args.quick:  # one N where the fused kernel's advantage over eager maps shows (CPU: from ~2k)
         args.seq, args.reps, args.head_dims = [4096 if gpu else 2048], 3, args.head_dims[:1]
         args.providers = [x for x in args.providers if x in ("pykd", "pykd_topk", "eager")]

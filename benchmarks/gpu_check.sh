@@ -89,8 +89,8 @@ fi
   bench 8 bench_host_overhead.py --quick  # launch-bound time of every op next to SDPA (issue 17)
   bench 20 bench_kd_loss.py $KD --providers pykd eager compile liger_kl liger_jsd copy_floor
   bench 25 bench_fused_linear_kd.py $FL --providers pykd eager liger gemm_floor
-  bench 30 bench_attention_kd.py $AT --head-dims 64 128 --providers pykd pykd_atomic_dq eager sdpa sdpa_chunked
-  bench 30 bench_attention_kd.py $BERT --head-dims 64 --tag bert --providers pykd pykd_atomic_dq eager sdpa \
+  bench 30 bench_attention_kd.py $AT --head-dims 64 128 --providers pykd pykd_atomic_dq pykd_tma eager sdpa sdpa_chunked
+  bench 30 bench_attention_kd.py $BERT --head-dims 64 --tag bert --providers pykd pykd_atomic_dq pykd_tma eager sdpa \
     sdpa_chunked
   bench 100 bench_sparse_quant.py $SQ --providers dense sparse quant quant_qk sdpa flex sage
 }

@@ -95,6 +95,71 @@ def _atomic_dq() -> bool:
     return DQ_MODE == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
+# How the kernels load their q, k, v, dO (and teacher q, k) tiles: "pointer" (default; the software
+# pipeline prefetches them with cp.async) or "tma" (Hopper's tensor memory accelerator, from host
+# tensor descriptors: the copy engine computes the addresses and fills out-of-range rows with zeros,
+# fewer registers per thread). Set by PYKD_ATTENTION_LOADS or by assigning LOADS. A launch takes TMA
+# only on sm_90+ (or the interpreter) and when every such tensor has a 16-byte aligned base and
+# strides; else it loads through pointers. The default moves to whichever an H200 measures faster.
+LOAD_MODES = ("pointer", "tma")
+LOADS = os.environ.get("PYKD_ATTENTION_LOADS", "pointer")
+
+
+def _tma_mode(device: torch.device) -> bool:
+    if LOADS not in LOAD_MODES:
+        raise ValueError(
+            f"the attention load mode (PYKD_ATTENTION_LOADS or pykd.kernels.attention_kd.LOADS) must be "
+            f"one of {LOAD_MODES}, got {LOADS!r}"
+        )
+    if LOADS != "tma":
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int):
+    """A TMA descriptor of the (B, H, N, D) tensor t, blocks (1, 1, rows, block_d); None when its
+    layout admits none (a 16-byte aligned base and strides; a size-1 dim's stride is free)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    shape, strides = list(t.shape), list(t.stride())
+    for i in (2, 1, 0):
+        if shape[i] == 1:
+            strides[i] = strides[i + 1] * shape[i + 1]
+    if t.data_ptr() % 16 or any(st <= 0 or st * t.element_size() % 16 for st in strides[:3]):
+        return None
+    return TensorDescriptor(t, shape, strides, [1, 1, rows, block_d])
+
+
+def _with_descriptors(args: list, spec: dict) -> bool:
+    """Puts a descriptor in place of each args[i] of spec {i: (rows, block_d)} and returns True, or
+    changes nothing and returns False when one of them admits none."""
+    descs = {i: _descriptor(args[i], *blk) for i, blk in spec.items()}
+    if any(d is None for d in descs.values()):
+        return False
+    for i, d in descs.items():
+        args[i] = d
+    return True
+
+
+def _tma_args(args, c, dev, BM, BN, has_v=True, has_do=False, teacher=True):
+    """(args with descriptors, TMA, TMA_T) of a launch: args[0:5] are q, k, v, q_t, k_t and args[7]
+    dO; q-like tensors get BM-row blocks, k-like BN-row ones."""
+    args = list(args)
+    if not _tma_mode(dev):
+        return args, False, False
+    ds, dt = c["consts"]["BLOCK_DS"], c["consts"]["BLOCK_DT"]
+    spec = {0: (BM, ds), 1: (BN, ds)}
+    if has_v:
+        spec[2] = (BN, ds)
+    if has_do:
+        spec[7] = (BM, ds)
+    tma = _with_descriptors(args, spec)
+    tma_t = False
+    if tma and teacher and c["DIV"] not in (0, 5) and not c["consts"]["T_MAP"]:
+        tma_t = _with_descriptors(args, {3: (BM, dt), 4: (BN, dt)})
+    return args, tma, tma_t
+
+
 def _config(kernel: str, d: int, n: int, device: torch.device):
     """The CONFIGS entry of a launch at head dim d and sequence length n."""
     if device.type != "cuda":
@@ -133,6 +198,19 @@ def _load_rows(base, offs, stride, ok, offs_d, D: tl.constexpr):
 
 
 @triton.jit
+def _tile(x, b, h, start, stride_b, stride_h, stride_n, N, offs_d, D: tl.constexpr, BLOCK: tl.constexpr,
+          BLOCK_D: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """(BLOCK, BLOCK_D) tile of rows [start, start + BLOCK) of head (b, h) of a (B, H, N, D) tensor,
+    0 past N and D: x is its tensor descriptor (TMA, block (1, 1, BLOCK, BLOCK_D); the copy engine
+    fills what lies outside with zeros) or its pointer."""
+    if TMA:
+        return x.load([b.to(tl.int32), h.to(tl.int32), start, 0]).reshape(BLOCK, BLOCK_D)
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        return _load_rows(x + b * stride_b + h * stride_h, offs, stride_n, offs < N, offs_d, D)
+
+
+@triton.jit
 def _load_stats(stats_ptr, row_off, ok):
     """The saved (lse of s/tau, lse of t/tau) in log2 units, and aux, of the rows row_off."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -155,13 +233,19 @@ def _visible(offs_m, offs_n, row_ok, col_ok, mask_row_ptr, HAS_MASK: tl.constexp
 
 
 @triton.jit
-def _scores(q, k_base, stride_kn, offs_n, col_ok, offs_d, sq, ks_row_ptr, offs_m, row_ok, mask_row_ptr,
-            thr2, qk_scale, QB, D: tl.constexpr, QK_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-            CAUSAL: tl.constexpr, HAS_THR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _scores(q, k_x, b, hk, start_n, stride_kb, stride_kh, stride_kn, N_K, offs_n, col_ok, offs_d, sq,
+            ks_row_ptr, offs_m, row_ok, mask_row_ptr, thr2, qk_scale, QB, D: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QK_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_THR: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """(s, vis): the (BLOCK_M, BLOCK_N) scores in log2 units, -inf where hidden. With QK_Q, q holds
-    the query codes and k_base the key codes; sq are the rows' scales, ks_row_ptr the keys'."""
-    kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)  # fmt: skip
+    the query codes and k_x points to the key codes (never a descriptor); sq are the rows' scales,
+    ks_row_ptr the keys'."""
+    if QK_Q != 0:
+        kT = tl.load(k_x + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)  # fmt: skip
+    else:
+        kT = tl.trans(_tile(k_x, b, hk, start_n, stride_kb, stride_kh, stride_kn, N_K, offs_d, D, BLOCK_N,
+                            BLOCK_D, TMA))  # fmt: skip
     s = _dot_qk(q, kT, QK_Q, PREC)
     if QK_Q != 0:
         sk = tl.load(ks_row_ptr + offs_n // QB, mask=col_ok, other=0.0)
@@ -256,8 +340,9 @@ def _attention_kd_fwd_kernel(
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     SAME_TAU: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr, PV_Q: tl.constexpr,
-    T_MAP: tl.constexpr,
+    T_MAP: tl.constexpr, TMA: tl.constexpr, TMA_T: tl.constexpr,
 ):  # fmt: skip
+    """TMA: q_ptr, k_ptr, v_ptr are tensor descriptors (and qt_ptr, kt_ptr with TMA_T), see _tile."""
     LN2: tl.constexpr = 0.6931471805599453
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -272,26 +357,26 @@ def _attention_kd_fwd_kernel(
     row_off = bh * N_Q + offs_m
     if QK_Q != 0:  # scores from the codes
         q = _load_rows(qc_ptr + b * stride_cqb + h * stride_cqh, offs_m, stride_cqn, row_ok, offs_ds, D_S)
-        k_base = kc_ptr + b * stride_ckb + hk * stride_ckh
-        k_stride = stride_ckn
+        k_x, skb, skh, skn = kc_ptr, stride_ckb, stride_ckh, stride_ckn
         sq = tl.load(qs_ptr + bh * NBQS + offs_m // BS, mask=row_ok, other=0.0)
     else:
-        q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
-        k_base = k_ptr + b * stride_kb + hk * stride_kh
-        k_stride = stride_kn
+        q = _tile(q_ptr, b, h, pid_m * BLOCK_M, stride_qb, stride_qh, stride_qn, N_Q, offs_ds, D_S, BLOCK_M,
+                  BLOCK_DS, TMA)  # fmt: skip
+        k_x, skb, skh, skn = k_ptr, stride_kb, stride_kh, stride_kn
         sq = tl.zeros([BLOCK_M], tl.float32)  # unused
     ks_row = ks_ptr + (b * (H // G_S) + hk) * NBKS
     thr2 = tl.zeros([BLOCK_M], tl.float32)
     if HAS_THR:
         thr2 = tl.load(thr_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
     mask_row = mask_ptr + b * stride_mb
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
-        qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
-        kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
+        if not TMA_T:
+            qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
+            kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
         if DIV != 5 and not T_MAP:
-            qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
+            qt = _tile(qt_ptr, b, th, pid_m * BLOCK_M, stride_tqb, stride_tqh, stride_tqn, N_Q, offs_dt, D_T,
+                       BLOCK_M, BLOCK_DT, TMA_T)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -311,25 +396,26 @@ def _attention_kd_fwd_kernel(
             lo_n, hi_n = _block_range(lst, it, 0, hi, BS, HAS_BM)
             for start_n in range(lo_n, hi_n, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                s, vis = _scores(q, k_base, k_stride, offs_n, offs_n < N_K, offs_ds, sq, ks_row, offs_m,
-                                 row_ok, mask_row, thr2, qk_scale, BS, D_S, QK_Q, HAS_MASK, CAUSAL,
-                                 HAS_THR, PREC)  # fmt: skip
+                s, vis = _scores(q, k_x, b, hk, start_n, skb, skh, skn, N_K, offs_n, offs_n < N_K, offs_ds,
+                                 sq, ks_row, offs_m, row_ok, mask_row, thr2, qk_scale, BS, D_S, BLOCK_N,
+                                 BLOCK_DS, QK_Q, HAS_MASK, CAUSAL, HAS_THR, PREC, TMA)  # fmt: skip
                 m_i = tl.maximum(m_i, tl.max(s, 1))
     for it in range(0, n_blk):
         lo_n, hi_n = _block_range(lst, it, 0, hi, BS, HAS_BM)
         for start_n in range(lo_n, hi_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N_K
-            s, vis = _scores(q, k_base, k_stride, offs_n, col_ok, offs_ds, sq, ks_row, offs_m, row_ok,
-                             mask_row, thr2, qk_scale, BS, D_S, QK_Q, HAS_MASK, CAUSAL, HAS_THR,
-                             PREC)  # fmt: skip
+            s, vis = _scores(q, k_x, b, hk, start_n, skb, skh, skn, N_K, offs_n, col_ok, offs_ds, sq, ks_row,
+                             offs_m, row_ok, mask_row, thr2, qk_scale, BS, D_S, BLOCK_N, BLOCK_DS, QK_Q,
+                             HAS_MASK, CAUSAL, HAS_THR, PREC, TMA)  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_V:
-                v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
+                v = _tile(v_ptr, b, hk, start_n, stride_vb, stride_vh, stride_vn, N_K, offs_ds, D_S, BLOCK_N,
+                          BLOCK_DS, TMA)  # fmt: skip
                 if PV_Q == 1:
                     pq = rint_even(p * 127.0)
                 elif PV_Q == 2:
@@ -354,12 +440,9 @@ def _attention_kd_fwd_kernel(
                 if T_MAP:
                     t = _map_tile(qt_base, stride_tqn, offs_m, row_ok, offs_n, col_ok, False)
                 else:
-                    ktT = tl.load(
-                        kt_base + offs_n[None, :] * stride_tkn + offs_dt[:, None],
-                        mask=col_ok[None, :] & (offs_dt < D_T)[:, None],
-                        other=0.0,
-                    )
-                    t = tl.dot(qt, ktT, input_precision=PREC) * qk_scale_t
+                    kt = _tile(kt_ptr, b, th // G_T, start_n, stride_tkb, stride_tkh, stride_tkn, N_K,
+                               offs_dt, D_T, BLOCK_N, BLOCK_DT, TMA_T)  # fmt: skip
+                    t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
                 t = tl.where(vis, t, float("-inf"))
                 if DIV == 4:
                     d = tl.where(vis, s - t, 0.0)
@@ -478,12 +561,13 @@ def _attention_kd_bwd_dkdv_kernel(
     DIV: tl.constexpr, HAS_V: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, QK_Q: tl.constexpr, T_MAP: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_T: tl.constexpr,
 ):  # fmt: skip
     """dk = scale_s sum_i dS_ij q_i, dv = sum_i P_ij dO_i over the GQA group, in (key, query) tiles.
     With QK_Q the scores come from the codes, as in the forward. ATOMIC_DQ: also dq_i += scale_s
     dS_ij k_j for the tile's keys, added with fp32 atomics into dq_ptr (zeroed, fp32), so no dq
-    kernel recomputes the score tiles (6 tile GEMMs in all instead of 9; the sum's order varies)."""
+    kernel recomputes the score tiles (6 tile GEMMs in all instead of 9; the sum's order varies).
+    TMA: q_ptr, k_ptr, v_ptr, do_ptr are tensor descriptors (and qt_ptr, kt_ptr with TMA_T)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -498,12 +582,14 @@ def _attention_kd_bwd_dkdv_kernel(
         km = tl.load(mask_ptr + b * stride_mb + offs_n, mask=col_ok, other=0)
         kvis = kvis & (km != 0)
     dmask_s = col_ok[:, None] & (offs_ds < D_S)[None, :]
-    k = _load_rows(k_ptr + b * stride_kb + hk * stride_kh, offs_n, stride_kn, col_ok, offs_ds, D_S)
+    n0 = pid_n * BLOCK_N
+    k = _tile(k_ptr, b, hk, n0, stride_kb, stride_kh, stride_kn, N_K, offs_ds, D_S, BLOCK_N, BLOCK_DS, TMA)
     if QK_Q != 0:
         kc = _load_rows(kc_ptr + b * stride_ckb + hk * stride_ckh, offs_n, stride_ckn, col_ok, offs_ds, D_S)
         sk = tl.load(ks_ptr + bhk * NBKS + offs_n // BS, mask=col_ok, other=0.0)
     if HAS_V:
-        v = _load_rows(v_ptr + b * stride_vb + hk * stride_vh, offs_n, stride_vn, col_ok, offs_ds, D_S)
+        v = _tile(v_ptr, b, hk, n0, stride_vb, stride_vh, stride_vn, N_K, offs_ds, D_S, BLOCK_N, BLOCK_DS,
+                  TMA)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     lo = 0
@@ -512,14 +598,14 @@ def _attention_kd_bwd_dkdv_kernel(
     for g in range(0, G_S):
         h = hk * G_S + g
         bh = b * H + h
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = do_ptr + b * stride_dob + h * stride_doh
         if DIV != 0:
             th = tl.load(th_ptr + h).to(tl.int64)
-            qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
-            kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
+            if not TMA_T:
+                qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
+                kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
             if DIV != 5 and not T_MAP:
-                kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
+                kt = _tile(kt_ptr, b, th // G_T, n0, stride_tkb, stride_tkh, stride_tkn, N_K, offs_dt, D_T,
+                           BLOCK_N, BLOCK_DT, TMA_T)  # fmt: skip
         n_blk, lst = _block_list(cnt_ptr, idx_ptr, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
                                  pid_n * BLOCK_N // BS, NB, HAS_BM)  # fmt: skip
         for it in range(0, n_blk):
@@ -528,7 +614,8 @@ def _attention_kd_bwd_dkdv_kernel(
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < N_Q
                 row_off = bh * N_Q + offs_m
-                q = _load_rows(q_base, offs_m, stride_qn, row_ok, offs_ds, D_S)
+                q = _tile(q_ptr, b, h, start_m, stride_qb, stride_qh, stride_qn, N_Q, offs_ds, D_S, BLOCK_M,
+                          BLOCK_DS, TMA)  # fmt: skip
                 if QK_Q != 0:
                     qc_base = qc_ptr + b * stride_cqb + h * stride_cqh
                     qc = _load_rows(qc_base, offs_m, stride_cqn, row_ok, offs_ds, D_S)
@@ -546,7 +633,8 @@ def _attention_kd_bwd_dkdv_kernel(
                 if HAS_DO:
                     lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
                     pT = tl.math.exp2(tl.where(vis, sT, float("-inf")) - lse1[None, :])
-                    do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
+                    do = _tile(do_ptr, b, h, start_m, stride_dob, stride_doh, stride_don, N_Q, offs_ds, D_S,
+                               BLOCK_M, BLOCK_DS, TMA)  # fmt: skip
                     if HAS_V:
                         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
                     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -560,7 +648,8 @@ def _attention_kd_bwd_dkdv_kernel(
                     elif T_MAP:
                         tT = _map_tile(qt_base, stride_tqn, offs_m, row_ok, offs_n, col_ok, True)
                     else:
-                        qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
+                        qt = _tile(qt_ptr, b, th, start_m, stride_tqb, stride_tqh, stride_tqn, N_Q, offs_dt,
+                                   D_T, BLOCK_M, BLOCK_DT, TMA_T)  # fmt: skip
                         tT = tl.dot(kt, tl.trans(qt), input_precision=PREC) * qk_scale_t
                     ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
                     term = _div_term(sT, tT, ls[None, :], lt[None, :], aux[None, :], inv_tau, DIV)
@@ -592,11 +681,12 @@ def _attention_kd_bwd_dq_kernel(
     DIV: tl.constexpr, HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BM: tl.constexpr, HAS_THR: tl.constexpr, DELTA_ONLY: tl.constexpr, QK_Q: tl.constexpr,
-    T_MAP: tl.constexpr,
+    T_MAP: tl.constexpr, TMA: tl.constexpr, TMA_T: tl.constexpr,
 ):  # fmt: skip
     """dq = scale_s sum_j dS_ij k_j, in (query, key) tiles. DELTA_ONLY: write
     Delta_i = sum_j P_ij dP_ij to delta_ptr instead (the dense Delta of a quantized-P forward, whose
-    output is not P V)."""
+    output is not P V). TMA: q_ptr, k_ptr, v_ptr, do_ptr are tensor descriptors (and qt_ptr, kt_ptr
+    with TMA_T)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -609,27 +699,28 @@ def _attention_kd_bwd_dq_kernel(
     row_ok = offs_m < N_Q
     row_off = bh * N_Q + offs_m
     dmask_s = row_ok[:, None] & (offs_ds < D_S)[None, :]
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qn, row_ok, offs_ds, D_S)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    m0 = pid_m * BLOCK_M
+    q = _tile(q_ptr, b, h, m0, stride_qb, stride_qh, stride_qn, N_Q, offs_ds, D_S, BLOCK_M, BLOCK_DS, TMA)
     if QK_Q != 0:
         qc = _load_rows(qc_ptr + b * stride_cqb + h * stride_cqh, offs_m, stride_cqn, row_ok, offs_ds, D_S)
         sq = tl.load(qs_ptr + bh * NBQS + offs_m // BS, mask=row_ok, other=0.0)
         kc_base = kc_ptr + b * stride_ckb + hk * stride_ckh
         ks_row = ks_ptr + (b * (H // G_S) + hk) * NBKS
     if HAS_DO:
-        do_base = do_ptr + b * stride_dob + h * stride_doh
-        do = _load_rows(do_base, offs_m, stride_don, row_ok, offs_ds, D_S)
+        do = _tile(do_ptr, b, h, m0, stride_dob, stride_doh, stride_don, N_Q, offs_ds, D_S, BLOCK_M, BLOCK_DS,
+                   TMA)  # fmt: skip
         lse1 = tl.load(lse_ptr + row_off, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.zeros([BLOCK_M], tl.float32)
         if not DELTA_ONLY:
             delta = tl.load(delta_ptr + row_off, mask=row_ok, other=0.0)
     if DIV != 0:
         th = tl.load(th_ptr + h).to(tl.int64)
-        qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
+        if not TMA_T:
+            qt_base = qt_ptr + b * stride_tqb + th * stride_tqh
+            kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
         if DIV != 5 and not T_MAP:
-            qt = _load_rows(qt_base, offs_m, stride_tqn, row_ok, offs_dt, D_T)
-        kt_base = kt_ptr + b * stride_tkb + (th // G_T) * stride_tkh
+            qt = _tile(qt_ptr, b, th, m0, stride_tqb, stride_tqh, stride_tqn, N_Q, offs_dt, D_T, BLOCK_M,
+                       BLOCK_DT, TMA_T)  # fmt: skip
         gi = tl.load(grow_ptr + row_off, mask=row_ok, other=0.0)
         ls, lt, aux = _load_stats(stats_ptr, row_off, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
@@ -647,7 +738,8 @@ def _attention_kd_bwd_dq_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N_K
             vis = _visible(offs_m, offs_n, row_ok, col_ok, mask_ptr + b * stride_mb, HAS_MASK, CAUSAL)
-            k = _load_rows(k_base, offs_n, stride_kn, col_ok, offs_ds, D_S)
+            k = _tile(k_ptr, b, hk, start_n, stride_kb, stride_kh, stride_kn, N_K, offs_ds, D_S, BLOCK_N,
+                      BLOCK_DS, TMA)  # fmt: skip
             if QK_Q != 0:
                 kc = _load_rows(kc_base, offs_n, stride_ckn, col_ok, offs_ds, D_S)
                 sk = tl.load(ks_row + offs_n // BS, mask=col_ok, other=0.0)
@@ -659,7 +751,8 @@ def _attention_kd_bwd_dq_kernel(
             ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if HAS_DO:
                 p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse1[:, None])
-                v = _load_rows(v_base, offs_n, stride_vn, col_ok, offs_ds, D_S)
+                v = _tile(v_ptr, b, hk, start_n, stride_vb, stride_vh, stride_vn, N_K, offs_ds, D_S, BLOCK_N,
+                          BLOCK_DS, TMA)  # fmt: skip
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 if DELTA_ONLY:
                     delta += tl.sum(p * dp, 1)
@@ -672,7 +765,8 @@ def _attention_kd_bwd_dq_kernel(
                 elif T_MAP:
                     t = _map_tile(qt_base, stride_tqn, offs_m, row_ok, offs_n, col_ok, False)
                 else:
-                    kt = _load_rows(kt_base, offs_n, stride_tkn, col_ok, offs_dt, D_T)
+                    kt = _tile(kt_ptr, b, th // G_T, start_n, stride_tkb, stride_tkh, stride_tkn, N_K,
+                               offs_dt, D_T, BLOCK_N, BLOCK_DT, TMA_T)  # fmt: skip
                     t = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale_t
                 term = _div_term(s, t, ls[:, None], lt[:, None], aux[:, None], inv_tau, DIV)
                 ds += tl.where(vis, term, 0.0) * gi[:, None]
@@ -798,13 +892,14 @@ def attention_kd_fwd(
     QK_Q, quant, qstrides, nbqs, nbks = _quant_args(q_codes, k_codes, q_scale, k_scale, lse)
     BM, BN, warps, stages = _tiles("fwd", c, dev, c["BS"], block_mask is not None)
     cnt, idx, lstrides, nb = c["fwd_lists"]
+    tensors, tma, tma_t = _tma_args(c["tensors"], c, dev, BM, BN, has_v=v is not None)
     grid = (triton.cdiv(N_Q, BM), B * H)
     _attention_kd_fwd_kernel[grid](
-        *c["tensors"], cnt, idx, c["thr"], *quant, out, row, lse, stats, *c["strides"], *lstrides, *qstrides,
+        *tensors, cnt, idx, c["thr"], *quant, out, row, lse, stats, *c["strides"], *lstrides, *qstrides,
         H, c["G_S"], c["G_T"], N_Q, c["N_K"], scale_s * LOG2E, scale_t * LOG2E, 1.0 / temperature,
         c["BS"], nb, nbqs, nbks, c["K_CAP"],
         HAS_V=v is not None, CAUSAL=causal, SAME_TAU=temperature == 1.0, BLOCK_M=BM, BLOCK_N=BN,
-        QK_Q=QK_Q, PV_Q=_PV_FORMATS.index(pv_format) if v is not None else 0,
+        QK_Q=QK_Q, PV_Q=_PV_FORMATS.index(pv_format) if v is not None else 0, TMA=tma, TMA_T=tma_t,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
     return out, row, lse, stats
@@ -855,10 +950,11 @@ def attention_kd_bwd(
     if has_do and dense_delta:
         BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
         cnt, idx, lstrides, nb = c["fwd_lists"]
+        targs, tma, _ = _tma_args(args, c, dev, BM, BN, has_do=True, teacher=False)
         _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
-            *args, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H,
+            *targs, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H,
             c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_DO=True, CAUSAL=causal, BLOCK_M=BM,
-            BLOCK_N=BN, DELTA_ONLY=True, QK_Q=QK_Q,
+            BLOCK_N=BN, DELTA_ONLY=True, QK_Q=QK_Q, TMA=tma, TMA_T=False,
             num_warps=warps, num_stages=stages, **{**c["consts"], "DIV": 0},
         )  # fmt: skip
     atomic = _atomic_dq()
@@ -868,23 +964,25 @@ def attention_kd_bwd(
         dq_acc = dq.zero_() if dq.dtype == f32 else torch.zeros(q.shape, device=dev, dtype=f32)
     BM, BN, warps, stages = _tiles("dkdv_atomic" if atomic else "dkdv", c, dev, c["BS"], has_bm)
     cnt, idx, lstrides, nb = c["bwd_lists"]
+    targs, tma, tma_t = _tma_args(args, c, dev, BM, BN, has_v=v is not None, has_do=has_do)
     _attention_kd_bwd_dkdv_kernel[(triton.cdiv(N_K, BN), B * H_KV)](
-        *args, cnt, idx, c["thr"], *quant, dk, dv, dq_acc, *c["strides"], *dstrides, *lstrides, *qstrides, H,
+        *targs, cnt, idx, c["thr"], *quant, dk, dv, dq_acc, *c["strides"], *dstrides, *lstrides, *qstrides, H,
         H_KV, c["G_S"], c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_V=v is not None, HAS_DO=has_do,
-        CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q, ATOMIC_DQ=atomic,
+        CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, QK_Q=QK_Q, ATOMIC_DQ=atomic, TMA=tma, TMA_T=tma_t,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
     if atomic:
         return (dq_acc if dq_acc is dq else dq.copy_(dq_acc)), dk, dv
     BM, BN, warps, stages = _tiles("dq", c, dev, c["BS"], has_bm)
     cnt, idx, lstrides, nb = c["fwd_lists"]
+    targs, tma, tma_t = _tma_args(args, c, dev, BM, BN, has_v=v is not None, has_do=has_do)
     _attention_kd_bwd_dq_kernel[(triton.cdiv(N_Q, BM), B * H)](
-        *args, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H, c["G_S"],
+        *targs, cnt, idx, c["thr"], *quant, dq, *c["strides"], *dstrides, *lstrides, *qstrides, H, c["G_S"],
         c["G_T"], *scal, nb, nbqs, nbks, c["K_CAP"], HAS_DO=has_do, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        DELTA_ONLY=False, QK_Q=QK_Q,
+        DELTA_ONLY=False, QK_Q=QK_Q, TMA=tma, TMA_T=tma_t,
         num_warps=warps, num_stages=stages, **c["consts"],
     )  # fmt: skip
     return dq, dk, dv
 
 
-__all__ = ["attention_kd_fwd", "attention_kd_bwd", "DIVERGENCES", "CONFIGS", "DQ_MODES"]
+__all__ = ["attention_kd_fwd", "attention_kd_bwd", "DIVERGENCES", "CONFIGS", "DQ_MODES", "LOAD_MODES"]

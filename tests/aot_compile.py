@@ -39,7 +39,7 @@ def source(fn, signature: dict, constexprs: dict, ints: dict) -> ASTSource:
             cst[name], sig[name] = 1, "constexpr"
     attrs = {}
     for i, a in enumerate(fn.arg_names):
-        if sig[a] != "constexpr" and (sig[a].startswith("*") or ints.get(a, 1) % 16 == 0):
+        if sig[a].startswith("*") or (sig[a].startswith("i") and ints.get(a, 1) % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=sig, constexprs=cst, attrs=attrs)
 
@@ -135,7 +135,8 @@ def compile_all(arch: int) -> int:
             n += 1
     n += compile_topk(target)
     # fp8 e4m3 needs sm_89+: on sm_80 the quantized variants compile with int8 only
-    n += compile_attention(target, head_dims=(64, 128) if arch >= 90 else (64,), fp8=arch >= 89)
+    dims = (64, 128) if arch >= 90 else (64,)
+    n += compile_attention(target, head_dims=dims, fp8=arch >= 89, tma=arch >= 90)
     n += compile_quantize(target, fp8=arch >= 89)
     return n
 
@@ -208,11 +209,12 @@ def _attention_ints(fn, D: int, flags: dict) -> dict:
     return {k: v for k, v in ints.items() if k in fn.arg_names}
 
 
-def compile_attention(target, head_dims, fp8=True) -> int:
+def compile_attention(target, head_dims, fp8=True, tma=True) -> int:
     """attention_kd's three kernels (bf16, kl, causal + padding) at the launcher's block shapes, then
     the sparse/quantized variants (DESIGN.md section 6) at D = 64: block lists + row threshold in all
     three, int8 QK with fp8 P and fp8 QK with int8 P in the forward, the dense-Delta pass of dq; and
-    the dk/dv kernel that adds dq with atomics (DQ_MODE "atomic") at each head dim.
+    the dk/dv kernel that adds dq with atomics (DQ_MODE "atomic") at each head dim. With tma (sm_90),
+    also the tensor-descriptor loads (LOADS "tma") of the three kernels and the atomic dk/dv one.
     fp32 variants take ~15 s each on 2 cores, so not every divergence and dtype: those ran on an
     H100 (tests marked gpu)."""
     K = attention_kd
@@ -221,9 +223,14 @@ def compile_attention(target, head_dims, fp8=True) -> int:
         "dkdv": K._attention_kd_bwd_dkdv_kernel,
         "dq": K._attention_kd_bwd_dq_kernel,
     }
-    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False, T_MAP=False, ATOMIC_DQ=False)
+    off = dict(HAS_BM=False, HAS_THR=False, QK_Q=0, PV_Q=0, DELTA_ONLY=False, T_MAP=False, ATOMIC_DQ=False,
+               TMA=False, TMA_T=False)  # fmt: skip
     cases = [(D, name, off, "") for D in head_dims for name in kernels]
     cases += [(D, "dkdv", dict(off, ATOMIC_DQ=True), " atomic dq") for D in head_dims]
+    if tma:
+        on = dict(off, TMA=True, TMA_T=True)
+        cases += [(D, name, on, " tma") for D in head_dims for name in kernels]
+        cases += [(D, "dkdv", dict(on, ATOMIC_DQ=True), " atomic dq tma") for D in head_dims]
     # every shipped configuration: each sequence-length entry of CONFIGS, the first one in the
     # variants below
     cases = [(D, name, dict(flags, CONFIG=cfg), label) for D, name, flags, label in cases
@@ -287,10 +294,23 @@ def _attention_signature(kernel, cst) -> dict:
         ptrs.update(qt_ptr="*u8", kt_ptr="*u8")
     if cst.get("ATOMIC_DQ"):  # the dk/dv kernel's fp32 dq accumulator
         ptrs.update(dq_ptr="*fp32")
+    if cst.get("TMA"):  # tensor descriptors: q-like tensors in BLOCK_M-row blocks, k-like in BLOCK_N
+        for name, rows, bd in (
+            ("q_ptr", "BLOCK_M", "BLOCK_DS"),
+            ("do_ptr", "BLOCK_M", "BLOCK_DS"),
+            ("k_ptr", "BLOCK_N", "BLOCK_DS"),
+            ("v_ptr", "BLOCK_N", "BLOCK_DS"),
+            ("qt_ptr", "BLOCK_M", "BLOCK_DT"),
+            ("kt_ptr", "BLOCK_N", "BLOCK_DT"),
+        ):
+            if name in kernel.arg_names and (cst.get("TMA_T") or not name.startswith(("qt", "kt"))):
+                ptrs[name] = f"tensordesc<bf16[1, 1, {cst[rows]}, {cst[bd]}]>"
     sig = {}
     for a in kernel.arg_names:
         if a in cst:
             sig[a] = "constexpr"
+        elif a in ptrs and ptrs[a].startswith("tensordesc"):
+            sig[a] = ptrs[a]
         elif a.endswith("_ptr"):
             sig[a] = ptrs.get(a, "*fp32" if a in f32_ptrs else "*bf16")
         else:

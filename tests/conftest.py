@@ -68,7 +68,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_bf16_fixes()
 
 import pytest  # noqa: E402
-from helpers import TRITON, dq_mode  # noqa: E402
+from helpers import TRITON, attention_modes  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import pykd  # noqa: E402,F401
@@ -90,24 +90,25 @@ HAS_CUDA = torch.cuda.is_available()
 class Backend:
     """Where an op test runs: ``cpp`` (C++ on CPU) or ``triton`` (CUDA if present, else the
     interpreter on CPU tensors). ``triton_atomic_dq`` is ``triton`` with the attention backward's
-    dq added by the dk/dv kernel with atomics (kernels/attention_kd.py DQ_MODE); attention tests
-    opt in with ``@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)``."""
+    dq added by the dk/dv kernel with atomics (kernels/attention_kd.py DQ_MODE), ``triton_tma`` with
+    the attention kernels' tensor-descriptor loads (LOADS); attention tests opt in to the first with
+    ``@pytest.mark.parametrize("backend", ATTENTION_BACKENDS, indirect=True)``."""
+
+    MODES = {"triton_atomic_dq": {"DQ_MODE": "atomic"}, "triton_tma": {"LOADS": "tma"}}
 
     def __init__(self, name: str):
         self.name = name
         triton = name.startswith("triton")
         self.device = torch.device("cuda" if (triton and HAS_CUDA) else "cpu")
         self.interpreted = triton and not HAS_CUDA
-        self.atomic_dq = name == "triton_atomic_dq"
 
     @contextlib.contextmanager
     def __call__(self):
-        """Routes CPU tensors to Triton when interpreting; sets the dq mode of triton_atomic_dq."""
+        """Routes CPU tensors to Triton when interpreting; sets the attention modes of the variants."""
         with contextlib.ExitStack() as stack:
             if self.interpreted:
                 stack.enter_context(_backend.triton_on_cpu())
-            if self.atomic_dq:
-                stack.enter_context(dq_mode("atomic"))
+            stack.enter_context(attention_modes(**self.MODES.get(self.name, {})))
             yield
 
     def __repr__(self):

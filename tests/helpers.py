@@ -17,15 +17,18 @@ ATTENTION_BACKENDS = ["cpp"] + (["triton", "triton_atomic_dq"] if TRITON else []
 
 
 @contextlib.contextmanager
-def dq_mode(mode: str):
-    """kernels/attention_kd.py's DQ_MODE set to mode inside the block."""
+def attention_modes(**modes):
+    """kernels/attention_kd.py's mode constants (DQ_MODE, LOADS) set as given inside the block."""
     from pykd.kernels import attention_kd
 
-    old, attention_kd.DQ_MODE = attention_kd.DQ_MODE, mode
+    old = {name: getattr(attention_kd, name) for name in modes}
+    for name, value in modes.items():
+        setattr(attention_kd, name, value)
     try:
         yield
     finally:
-        attention_kd.DQ_MODE = old
+        for name, value in old.items():
+            setattr(attention_kd, name, value)
 
 
 # (rtol, atol) per dtype of the tensor being checked. atol is relative to the largest |expected|

@@ -655,6 +655,49 @@ def test_atomic_dq_mode(monkeypatch):
         run(backend, pykd.attention_kd, q, k, v, qt, kt, **kw)
 
 
+@pytest.mark.skipif(not TRITON, reason="needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("case", ["gqa_causal_padded", "bf16", "atomic_dq", "relation", "unaligned"])
+def test_tma_loads(monkeypatch, case):
+    """LOADS "tma": q, k, v, dO and the teacher's q, k come through tensor descriptors (the copy engine
+    fills rows past N and columns past D with zeros), and every value and gradient still matches the
+    reference; rows that are not 16-byte aligned (D_s = 6 fp32) load through pointers. A LOADS that is
+    not a mode raises."""
+    from conftest import Backend
+
+    from pykd.kernels import attention_kd as K
+
+    backend = Backend("triton")
+    if backend.device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    monkeypatch.setattr(K, "LOADS", "tma")
+    made = []
+    descriptor = K._descriptor
+    monkeypatch.setattr(K, "_descriptor", lambda *a: made.append(descriptor(*a)) or made[-1])
+    dtype = torch.bfloat16 if case == "bf16" else F32
+    Ds = 6 if case == "unaligned" else 24  # BLOCK_D 32: columns past D come from the fill
+    causal = case != "bf16"  # causal needs N_q == N_k; bf16 runs cross lengths
+    q, k, v, qt, kt, m = make(Nq=37, Nk=None if causal else 45, Ds=Ds, Dt=40, pad=0.2, dtype=dtype,
+                              device=backend.device)  # fmt: skip
+    kw = dict(teacher_heads=[0, 1, 1, 0], causal=causal)
+    if case == "relation":  # divergence only: no V, no dO
+        a = run(backend, pykd.attention_divergence, q, k, None, qt, kt, key_padding_mask=m, **kw)
+        e = ref(reference.attention_divergence, q, k, None, qt, kt, key_padding_mask=m, **kw)
+        compare(a, e, F32)
+    else:
+        if case == "atomic_dq":
+            monkeypatch.setattr(K, "DQ_MODE", "atomic")
+        check(backend, q, k, v, qt, kt, m, dtype=dtype, **kw)
+    if case == "unaligned":
+        assert made and None in made  # the student's q: no descriptor, pointer loads
+    else:
+        assert made and None not in made
+        if backend.interpreted:  # 16 x 16 tiles; BLOCK_D 32 (D_s 24) and 64 (D_t 40)
+            assert {tuple(d.block_shape) for d in made} == {(1, 1, 16, 32), (1, 1, 16, 64)}
+    monkeypatch.setattr(K, "LOADS", "descriptor")
+    with pytest.raises(ValueError, match=r"load mode \(PYKD_ATTENTION_LOADS or .*\) must be one of"):
+        run(backend, pykd.attention_kd, q, k, v, qt, kt, go=torch.ones_like(q), **kw)
+
+
 def test_block_shapes_by_sequence_length(monkeypatch):
     """A launch takes the CONFIGS entry of the smallest listed N >= its length, past them all the
     largest's; head dims up to 64 and above share a table each; off CUDA the interpreter's."""
@@ -675,10 +718,10 @@ def test_block_shapes_by_sequence_length(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["triton", "triton_atomic_dq"])
+@pytest.mark.parametrize("mode", ["triton", "triton_atomic_dq", "triton_tma"])
 def test_gpu_real_sizes(D, dtype, mode):
     """Real block shapes: N not a multiple of the tiles, GQA, causal and padding, on the GPU; with
-    either dq mode of the backward."""
+    either dq mode of the backward, and with tensor-descriptor loads."""
     from conftest import Backend
 
     q, k, v, qt, kt, m = make(B=2, Hs=8, Hkv=2, Ht=4, Htkv=2, Nq=777, Ds=D, Dt=D, dtype=dtype, device="cuda",

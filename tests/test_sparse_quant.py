@@ -595,7 +595,7 @@ def test_constants():
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bs", [64, 128])
-@pytest.mark.parametrize("mode", ["triton", "triton_atomic_dq"])
+@pytest.mark.parametrize("mode", ["triton", "triton_atomic_dq", "triton_tma"])
 def test_gpu_real_sizes(D, bs, mode):
     """Real tiles and tensor-core int8 dots on the GPU: block mask + row top-k + int8 Q/K, bf16, GQA,
     causal and padding, N not a multiple of the blocks (P unquantized: at this size some P entry
