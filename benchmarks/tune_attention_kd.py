@@ -6,6 +6,7 @@ the ``dkdv_atomic`` rows (DQ_MODE "atomic": no dq kernel) compare directly with 
 
     python benchmarks/tune_attention_kd.py --seq 8192 --head-dims 64 128
     python benchmarks/tune_attention_kd.py --seq 512 2048 8192 16384 --head-dims 64   # N buckets
+    python benchmarks/tune_attention_kd.py --loads tma    # with tensor-descriptor loads (LOADS)
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def main(argv=None):
     p.add_argument("--seq", type=int, nargs="+", default=[8192], help="one CONFIGS entry per N")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--loads", default="pointer", choices=K.LOAD_MODES, help="the kernels' LOADS mode")
     p.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_attention_kd.py needs a CUDA device (the CPU kernels have no block shapes)")
     dev = torch.device("cuda")
+    K.LOADS = args.loads
     rows = []
     best = {}  # (kernel, head dim bucket, N) -> (ms, config)
     for d in args.head_dims:
@@ -80,9 +83,8 @@ def main(argv=None):
                     except Exception as e:  # noqa: BLE001 - out of shared memory / registers
                         ms = float("nan")
                         print(f"  {kernel} {cfg}: {type(e).__name__}")
-                    rows.append(
-                        dict(kernel=kernel, D=d, N=n, config=cfg, ms=round(ms, 4), default=cfg == default)
-                    )
+                    rows.append(dict(kernel=kernel, D=d, N=n, loads=args.loads, config=cfg, ms=round(ms, 4),
+                                     default=cfg == default))  # fmt: skip
                     print(
                         f"D={d} N={n} {kernel:>5} {cfg}: {ms:.3f} ms{' (default)' if cfg == default else ''}"
                     )
@@ -92,7 +94,8 @@ def main(argv=None):
     K.DQ_MODE = "split"
     out = os.path.join(args.out_dir, device_name(dev))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "attention_kd_tune.csv"), "w", newline="") as f:
+    name = "attention_kd_tune.csv" if args.loads == "pointer" else f"attention_kd_tune_{args.loads}.csv"
+    with open(os.path.join(out, name), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[*rows[0], "commit"])
         w.writeheader()
         w.writerows({**r, "commit": commit()} for r in rows)
