@@ -63,10 +63,7 @@ def logit_map_args(logit_map):
 def new_output(shape, *, device, dtype) -> torch.Tensor:
     """A fresh output tensor; NaN-filled when PYKD_POISON_OUTPUTS=1 (tests), so any element a
     kernel fails to write shows up instead of passing on whatever memory held."""
-    t = torch.empty(shape, device=device, dtype=dtype)
-    if os.environ.get("PYKD_POISON_OUTPUTS") == "1" and t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
+    return _poisoned(torch.empty(shape, device=device, dtype=dtype))
 
 
 def grad_output(shape, *, device, dtype, out=None) -> torch.Tensor:
@@ -76,9 +73,13 @@ def grad_output(shape, *, device, dtype, out=None) -> torch.Tensor:
         return new_output(shape, device=device, dtype=dtype)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"grad_out must be a contiguous {tuple(shape)} {dtype} tensor")
-    if os.environ.get("PYKD_POISON_OUTPUTS") == "1":
-        out.fill_(float("nan"))
-    return out
+    return _poisoned(out)
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    if os.environ.get("PYKD_POISON_OUTPUTS") == "1" and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
 
 
 @triton.jit

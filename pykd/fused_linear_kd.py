@@ -533,7 +533,7 @@ def _run_chunks(a, *, need, row_scale=None):
         if slot is None:
             gl = g if g.dtype == gemm_dtype else g.to(gemm_dtype)
         else:
-            gl = slot if g.data_ptr() == slot.data_ptr() else slot.copy_(g)
+            gl = slot if g is slot else slot.copy_(g)  # the Triton row kernel stored into the slot
         del g
         if need[0]:
             if gemm_dtype == dtype:

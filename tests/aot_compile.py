@@ -266,10 +266,7 @@ def compile_attention(target, head_dims, fp8=True, tma=True) -> int:
             cst["DIV"] = 0
         extra = {"HAS_V": True, "SAME_TAU": False, "HAS_DO": True, **flags}
         cst.update({k: v for k, v in extra.items() if k in kernel.arg_names})
-        sig = _attention_signature(kernel, cst)
-        src = source(
-            kernel, {k: v for k, v in sig.items() if k not in cst}, cst, _attention_ints(kernel, D, flags)
-        )
+        src = source(kernel, _attention_signature(kernel, cst), cst, _attention_ints(kernel, D, flags))
         build(src, target, f"attention_kd {name} bfloat16 D={D} kl{label} {BM}x{BN}",
               num_warps=warps, num_stages=stages)  # fmt: skip
         n += 1
@@ -309,8 +306,6 @@ def _attention_signature(kernel, cst) -> dict:
     for a in kernel.arg_names:
         if a in cst:
             sig[a] = "constexpr"
-        elif a in ptrs and ptrs[a].startswith("tensordesc"):
-            sig[a] = ptrs[a]
         elif a.endswith("_ptr"):
             sig[a] = ptrs.get(a, "*fp32" if a in f32_ptrs else "*bf16")
         else:
