@@ -27,6 +27,7 @@ providers ``pykd`` and ``eager`` (materialized (B, R, N, N) relation maps, log_s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import math
@@ -113,16 +114,17 @@ PROVIDERS = {
 }
 PREPARE = {"pykd_topk": _capture_of}  # run before a provider is timed or its memory measured
 # provider -> the Triton kernels' modes it runs (kernels/attention_kd.py DQ_MODE, LOADS); the others
-# run the defaults. CUDA only: the C++ kernels have no modes.
+# run as configured (the defaults, or PYKD_ATTENTION_*). CUDA only: the C++ kernels have no modes.
 TRITON_MODES = {"pykd_atomic_dq": {"DQ_MODE": "atomic"}, "pykd_tma": {"LOADS": "tma"}}
 
 
-def _set_modes(name: str) -> None:
+def _modes(name: str):
+    """A context that sets provider name's Triton modes for its block."""
+    if name not in TRITON_MODES:
+        return contextlib.nullcontext()
     from pykd.kernels import attention_kd
 
-    modes = TRITON_MODES.get(name, {})
-    attention_kd.DQ_MODE = modes.get("DQ_MODE", "split")
-    attention_kd.LOADS = modes.get("LOADS", "pointer")
+    return attention_kd.modes(**TRITON_MODES[name])
 
 
 RELATION_HEADS, X_S, X_T = 12, 384, 768  # MiniLMv2: a MiniLM-L12-H384 student, a BERT-base teacher
@@ -193,8 +195,6 @@ def run_relation(args) -> Recorder:
 def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int) -> None:
     """fwd, bwd and full times and full peak memory of one provider at one size."""
     q0, k0, v0, qt, kt = inputs
-    if device.type == "cuda":
-        _set_modes(name)
     if name in PREPARE:
         PREPARE[name](qt, kt)
     state = {}
@@ -210,19 +210,20 @@ def measure(rec: Recorder, name: str, fn, inputs, go, n: int, device, reps: int)
         total = (out * go).sum() + (loss if loss is not None else 0.0)
         total.backward()
 
-    full = record_times(rec, name, n, device, reps, fresh, forward, backward)
-    state.clear()
-    gc.collect()
-    if device.type == "cpu":
-        # A process's freed memory stays mapped and is reused, so on CPU each peak is taken in a
-        # fresh process (DESIGN.md section 7).
-        B, H, _, D = q0.shape
-        dtype = str(q0.dtype).replace("torch.", "")
-        peak = fresh_process_peak_mb("pykd.benchmarks.bench_attention_kd", [name, B, H, n, D, dtype])
-        rec.add(name, "full", "memory", "MB", n, peak)
-    else:
-        fresh()
-        rec.add(name, "full", "memory", "MB", n, peak_extra_mb(full, device))
+    with _modes(name):
+        full = record_times(rec, name, n, device, reps, fresh, forward, backward)
+        state.clear()
+        gc.collect()
+        if device.type == "cpu":
+            # A process's freed memory stays mapped and is reused, so on CPU each peak is taken in a
+            # fresh process (DESIGN.md section 7).
+            B, H, _, D = q0.shape
+            dtype = str(q0.dtype).replace("torch.", "")
+            peak = fresh_process_peak_mb("pykd.benchmarks.bench_attention_kd", [name, B, H, n, D, dtype])
+            rec.add(name, "full", "memory", "MB", n, peak)
+        else:
+            fresh()
+            rec.add(name, "full", "memory", "MB", n, peak_extra_mb(full, device))
     state.clear()
     gc.collect()
 

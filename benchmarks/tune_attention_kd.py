@@ -58,7 +58,6 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("tune_attention_kd.py needs a CUDA device (the CPU kernels have no block shapes)")
     dev = torch.device("cuda")
-    K.LOADS = args.loads
     rows = []
     best = {}  # (kernel, head dim bucket, N) -> (ms, config)
     for d in args.head_dims:
@@ -74,12 +73,13 @@ def main(argv=None):
             for kernel, cands in CANDIDATES.items():
                 table = K.CONFIGS[kernel][key]
                 default = K._config(kernel, d, n, dev)
-                K.DQ_MODE = "atomic" if kernel == "dkdv_atomic" else "split"  # each row: one whole step
+                dq_mode = "atomic" if kernel == "dkdv_atomic" else "split"  # each row: one whole step
                 for cfg in cands:
                     K.CONFIGS[kernel][key] = {n: cfg}
                     try:
-                        step()
-                        ms = triton.testing.do_bench(step, rep=100)
+                        with K.modes(DQ_MODE=dq_mode, LOADS=args.loads):
+                            step()
+                            ms = triton.testing.do_bench(step, rep=100)
                     except Exception as e:  # noqa: BLE001 - out of shared memory / registers
                         ms = float("nan")
                         print(f"  {kernel} {cfg}: {type(e).__name__}")
@@ -91,7 +91,6 @@ def main(argv=None):
                     if ms == ms and ms < best.get((kernel, key, n), (float("inf"),))[0]:
                         best[(kernel, key, n)] = (ms, cfg)
                 K.CONFIGS[kernel][key] = table
-    K.DQ_MODE = "split"
     out = os.path.join(args.out_dir, device_name(dev))
     os.makedirs(out, exist_ok=True)
     name = "attention_kd_tune.csv" if args.loads == "pointer" else f"attention_kd_tune_{args.loads}.csv"

@@ -50,6 +50,7 @@ stats = (lse - ln c, lse_out, T).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -103,6 +104,20 @@ def _atomic_dq() -> bool:
 # strides; else it loads through pointers. The default moves to whichever an H200 measures faster.
 LOAD_MODES = ("pointer", "tma")
 LOADS = os.environ.get("PYKD_ATTENTION_LOADS", "pointer")
+
+
+@contextlib.contextmanager
+def modes(**values):
+    """DQ_MODE and LOADS set as given inside the block, restored after (tests, benchmarks, tuner)."""
+    unknown = set(values) - {"DQ_MODE", "LOADS"}
+    if unknown:
+        raise TypeError(f"modes() takes DQ_MODE and LOADS, got {sorted(unknown)}")
+    old = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(old)
 
 
 def _tma_mode(device: torch.device) -> bool:
@@ -985,4 +1000,12 @@ def attention_kd_bwd(
     return dq, dk, dv
 
 
-__all__ = ["attention_kd_fwd", "attention_kd_bwd", "DIVERGENCES", "CONFIGS", "DQ_MODES", "LOAD_MODES"]
+__all__ = [
+    "attention_kd_fwd",
+    "attention_kd_bwd",
+    "DIVERGENCES",
+    "CONFIGS",
+    "DQ_MODES",
+    "LOAD_MODES",
+    "modes",
+]

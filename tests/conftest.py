@@ -68,7 +68,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_bf16_fixes()
 
 import pytest  # noqa: E402
-from helpers import TRITON, attention_modes  # noqa: E402
+from helpers import TRITON  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import pykd  # noqa: E402,F401
@@ -108,7 +108,10 @@ class Backend:
         with contextlib.ExitStack() as stack:
             if self.interpreted:
                 stack.enter_context(_backend.triton_on_cpu())
-            stack.enter_context(attention_modes(**self.MODES.get(self.name, {})))
+            if self.name in self.MODES:
+                from pykd.kernels import attention_kd
+
+                stack.enter_context(attention_kd.modes(**self.MODES[self.name]))
             yield
 
     def __repr__(self):

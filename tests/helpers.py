@@ -3,7 +3,6 @@ PYKD_POISON_OUTPUTS switch of the ops themselves.)"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -14,21 +13,6 @@ from pykd import _backend
 TRITON = _backend.HAS_TRITON and (torch.cuda.is_available() or _backend.interpreting())
 # The backends of the attention tests that also cover the atomic-dq backward (tests/conftest.py).
 ATTENTION_BACKENDS = ["cpp"] + (["triton", "triton_atomic_dq"] if TRITON else [])
-
-
-@contextlib.contextmanager
-def attention_modes(**modes):
-    """kernels/attention_kd.py's mode constants (DQ_MODE, LOADS) set as given inside the block."""
-    from pykd.kernels import attention_kd
-
-    old = {name: getattr(attention_kd, name) for name in modes}
-    for name, value in modes.items():
-        setattr(attention_kd, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(attention_kd, name, value)
 
 
 # (rtol, atol) per dtype of the tensor being checked. atol is relative to the largest |expected|

@@ -698,6 +698,27 @@ def test_tma_loads(monkeypatch, case):
         run(backend, pykd.attention_kd, q, k, v, qt, kt, go=torch.ones_like(q), **kw)
 
 
+@pytest.mark.skipif(not TRITON, reason="needs Triton (CUDA or the interpreter)")
+def test_modes_context():
+    """kernels/attention_kd.modes sets DQ_MODE and LOADS for its block and restores them, also when
+    the block raises; any other name is refused before anything changes."""
+    from pykd.kernels import attention_kd as K
+
+    before = (K.DQ_MODE, K.LOADS)
+    with K.modes(DQ_MODE="atomic", LOADS="tma"):
+        assert (K.DQ_MODE, K.LOADS) == ("atomic", "tma")
+    assert (K.DQ_MODE, K.LOADS) == before
+    with pytest.raises(RuntimeError, match="inside"), K.modes(LOADS="tma"):
+        raise RuntimeError("inside")
+    assert (K.DQ_MODE, K.LOADS) == before
+    with (
+        pytest.raises(TypeError, match=r"DQ_MODE and LOADS, got \['CONFIGS'\]"),
+        K.modes(CONFIGS={}, LOADS="tma"),
+    ):
+        pass
+    assert (K.DQ_MODE, K.LOADS) == before
+
+
 def test_block_shapes_by_sequence_length(monkeypatch):
     """A launch takes the CONFIGS entry of the smallest listed N >= its length, past them all the
     largest's; head dims up to 64 and above share a table each; off CUDA the interpreter's."""
